@@ -6,7 +6,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CFG = configparser.ConfigParser(delimiters=['=']); CFG.read(ROOT/'settings.ini')
 S = CFG['DEFAULT']
-NBS = sorted((ROOT/'nbs').glob('[0-9][0-9]_*.ipynb'))
+NBS = sorted(p for p in (ROOT/'nbs').glob('[0-9][0-9]*_*.ipynb') if re.match(r'\d\d[a-z]?_', p.name))
 NBDEV_DIRECTIVES = {'export', 'exports', 'exporti', 'hide', 'default_exp', 'eval:', 'echo:', 'output:', 'exec_doc',
                     'code-fold:', 'include:', 'filter_stream', 'hide_line', 'collapse_output', 'export_to', 'python'}
 
@@ -65,12 +65,17 @@ def test_test_flags_declared():
                 d = m.group(1)
                 assert d in NBDEV_DIRECTIVES or d in declared, f"{nb.name}: flag `#| {d}` is not declared in tst_flags"
 
+def nb_number(nb) -> tuple:
+    "(number, letter) of a notebook name like 05a_worldclip.ipynb, for ordering"
+    m = re.match(r'(\d\d)([a-z]?)_', nb.name)
+    return int(m.group(1)), m.group(2)
+
 def test_imports_flow_from_lower_to_higher_numbers():
     module_of = {}
     for nb in NBS:
-        m = re.match(r'#\|\s*default_exp\s+([\w.]+)', src(cells(nb)[0])); module_of[m.group(1)] = int(nb.name[:2])
+        m = re.match(r'#\|\s*default_exp\s+([\w.]+)', src(cells(nb)[0])); module_of[m.group(1)] = nb_number(nb)
     for nb in NBS:
-        n = int(nb.name[:2])
+        n = nb_number(nb)
         for c in cells(nb):
             if not re.match(r'#\|\s*export', src(c)): continue
             for mod in re.findall(r'(?:from|import)\s+emonb\.([\w.]+)', src(c)):
