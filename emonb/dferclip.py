@@ -18,7 +18,7 @@ from .data import clip_dataloaders, split_dataloader, split_validation, ClipToFl
 from .prompts import dferclip_prompts
 from .encoders import ClipEncoder, PromptLearner, TemporalTransformer
 from .losses import cosine_logits
-from .learner import TrainConfig, EpochCheckpoint, make_learner, fit, load_best
+from .learner import TrainConfig, make_learner, fit, load_best
 from .evaluate import write_report, evaluate_predictions
 
 # %% auto #0
@@ -125,10 +125,9 @@ def train_dferclip(df: pd.DataFrame, clip: ClipEncoder, folder, labels=None, tex
     dls = clip_dataloaders(df, n_frames, size, bs, normalize=normalize or 'none', labels=labels)
     if normalize is None: _use_clip_stats(dls, clip.image_mean_std)
     model = DFERCLIP(clip, texts, n_frames=n_frames, **model_kw)
-    config = config or dferclip_config(model)
-    cbs = [EpochCheckpoint(config.monitor, every_epoch=False)] if config.checkpoint and not keep_epochs else []
-    learn = make_learner(dls, model, CrossEntropyLossFlat(), replace(config, checkpoint=config.checkpoint and keep_epochs),
-                         splitter=dferclip_splitter, metrics=[war_metric(), uar_metric(len(texts))], path=folder, cbs=cbs)
+    config = replace(config or dferclip_config(model), keep_epochs=keep_epochs)
+    learn = make_learner(dls, model, CrossEntropyLossFlat(), config, splitter=dferclip_splitter,
+                         metrics=[war_metric(), uar_metric(len(texts))], path=folder)
     if quiet:
         with learn.no_bar(), learn.no_logging(): fit(learn, config)
     else: fit(learn, config)
