@@ -113,6 +113,42 @@ def _add_crops(sub):
         print(f"{len(df)} image(s) cropped; fallbacks: {fb or 'none'}; written {a.out}/crops.csv and summary.json")
     p.set_defaults(run=run)
 
+def _add_predict(sub):
+    p = sub.add_parser('predict', help='emotion probabilities of every face in images, folders or videos, as a CSV table',
+                       description='Detect faces (the shared YOLOv8n-face by default, or --detector whole for images that are '
+                                   'already faces), classify each with a zero-shot CLIP (default: the synthetic world\'s CLIP '
+                                   'shipped with emonb) or a saved emonb model bundle (--method bundle --weights FILE), and '
+                                   'write one row per face per frame: file, frame, face, status, box, detector confidence, one '
+                                   'probability column per class, top class. A summary JSON is written beside the CSV.')
+    p.add_argument('src', nargs='+', help='image files, folders (searched recursively) or video files')
+    p.add_argument('--out', required=True, help='CSV file to write (its summary goes to the .json beside it)')
+    p.add_argument('--method', default='zeroshot', help="'zeroshot' (default), 'bundle', or a registered method name (kefer, classifier, clip_classifier, quickstart)")
+    p.add_argument('--weights', default=None, help='model bundle file or name in $EMONB_HOME/weights; for zeroshot with --clip-model: the CLIP weights file')
+    p.add_argument('--labels', default=None, help='label set of the classes for zeroshot (default: the 7 basic emotions)')
+    p.add_argument('--clip-model', default=None, help='open_clip model name for zeroshot (default: the world CLIP)')
+    p.add_argument('--prompts', default='ensemble10', help='zeroshot prompt set name or one template with {} (default ensemble10)')
+    p.add_argument('--detector', default='face', help="'face' (shared YOLOv8n-face), 'whole' (each image is one face) or a detector weights file")
+    p.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda' (default auto)")
+    p.add_argument('--batch-size', type=_positive_int, default=32)
+    p.add_argument('--frame-step', type=_positive_int, default=1, help='videos: classify every N-th frame (default 1)')
+    p.add_argument('--no-face', default='row', choices=('row', 'skip', 'whole'),
+                   help='a frame without a face: keep a row without probabilities (default), leave it out, or classify the whole frame')
+    p.add_argument('--on-error', default='raise', choices=('raise', 'report'), help='an unreadable file stops the run (raise) or gets an error row (report)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing output CSV')
+    p.add_argument('--no-progress', action='store_true', help='hide the progress bar')
+    def run(a):
+        from emonb.predict import predict
+        detector = None if a.detector == 'whole' else a.detector
+        df = predict(a.src if len(a.src) > 1 else a.src[0], method=a.method, weights=a.weights, labels=a.labels, detector=detector,
+                     device=a.device, batch_size=a.batch_size, progress=not a.no_progress, frame_step=a.frame_step,
+                     save_csv=a.out, no_face=a.no_face, on_error=a.on_error, clip_model=a.clip_model, prompts=a.prompts,
+                     overwrite=a.overwrite)
+        s = df.attrs.get('summary', {})
+        faces = int(df['status'].isin(['face', 'whole']).sum()) if 'status' in df else len(df)
+        print(f"{len(df)} row(s), {faces} face(s) classified from {s.get('images', '?')} image(s) and {s.get('videos', '?')} video(s); "
+              f"written {a.out} and its summary {a.out.rsplit('.', 1)[0]}.json")
+    p.set_defaults(run=run)
+
 def _user_errors() -> tuple:
     "Exceptions that are the user's to fix: reported in one line, no traceback."
     errs = USER_ERRORS
@@ -131,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quickstart(sub)
     _add_crops(sub)
     _add_prompts(sub)
+    _add_predict(sub)
     return parser
 
 def main(argv=None) -> int:
