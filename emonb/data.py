@@ -680,7 +680,9 @@ class LevelCrop(Transform):
     def encodes(self, row: pd.Series) -> PILImage:
         im = _decoded(row['path'], bool(row.get('truncated', False)))
         if self.level == 'context':
-            if self.context == 'whole': return PILImage(im)
+            # nothing detected (emonb.crops' 'no_detection' fallback): the body box is the whole image, so masking it would
+            # leave a black context; like emonb.crops, the context is then the unmasked image
+            if self.context == 'whole' or row.get('fallback', '') == 'no_detection': return PILImage(im)
             from PIL import ImageDraw
             im = im.copy(); ImageDraw.Draw(im).rectangle(parse_box(row['body_box'], row['path']), fill=(0, 0, 0))
             return PILImage(im)
