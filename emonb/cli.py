@@ -149,6 +149,35 @@ def _add_predict(sub):
               f"written {a.out} and its summary {a.out.rsplit('.', 1)[0]}.json")
     p.set_defaults(run=run)
 
+def _add_eval(sub):
+    p = sub.add_parser('eval', help='WAR / UAR and a report folder of a zero-shot CLIP or a saved model on a dataset split',
+                       description='Read a dataset with its emonb reader, classify every image of one split with a zero-shot '
+                                   'CLIP (default: the world CLIP shipped with emonb) or a saved model bundle, and write '
+                                   'metrics.json, predictions.csv and confusion.png into --out. A model trained on another '
+                                   'label set is evaluated cross-dataset: its classes are matched to the test set by name, '
+                                   'extra classes are dropped (and reported).')
+    p.add_argument('--dataset', required=True, help='reader: fer2013, rafdb, caer_s, fedro, ferplus, affectnet7, affectnet8')
+    p.add_argument('--root', required=True, help="the dataset's folder (or, for fer2013, its archive)")
+    p.add_argument('--out', required=True, help='report folder (must be new or empty unless --overwrite)')
+    p.add_argument('--split', default='test', help='which split to evaluate (default test)')
+    p.add_argument('--method', default='zeroshot', help="'zeroshot' (default), 'bundle', or a registered method name")
+    p.add_argument('--weights', default=None, help='model bundle file or name in $EMONB_HOME/weights; for zeroshot with --clip-model: the CLIP weights')
+    p.add_argument('--clip-model', default=None, help='open_clip model name for zeroshot (default: the world CLIP)')
+    p.add_argument('--prompts', default='ensemble10', help='zeroshot prompt set name or one template with {} (default ensemble10)')
+    p.add_argument('--detector', default='whole', help="'whole' (default: the images are faces), 'face' (the shared YOLOv8n-face) or a detector file")
+    p.add_argument('--device', default='auto'); p.add_argument('--batch-size', type=_positive_int, default=32)
+    p.add_argument('--overwrite', action='store_true', help='replace the contents of an existing report folder')
+    p.add_argument('--no-progress', action='store_true', help='hide the progress bar')
+    def run(a):
+        from emonb.predict import read_dataset, evaluate_dataset
+        m = evaluate_dataset(read_dataset(a.dataset, a.root), a.method, a.weights, a.split, a.out,
+                             None if a.detector == 'whole' else a.detector, a.device, a.batch_size, a.clip_model, a.prompts,
+                             progress=not a.no_progress, overwrite=a.overwrite)
+        dropped = m['run']['dropped_model_classes']
+        print(f"{a.dataset} {a.split}: WAR {m['war']:.2%}  UAR {m['uar']:.2%}  (n={m['n']}"
+              f"{'; model classes dropped: ' + ', '.join(dropped) if dropped else ''}); report in {a.out}")
+    p.set_defaults(run=run)
+
 def _user_errors() -> tuple:
     "Exceptions that are the user's to fix: reported in one line, no traceback."
     errs = USER_ERRORS
@@ -168,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_crops(sub)
     _add_prompts(sub)
     _add_predict(sub)
+    _add_eval(sub)
     return parser
 
 def main(argv=None) -> int:

@@ -19,7 +19,9 @@ import emonb
 from .core import LabelSet, LEVELS, label_set, canonical_name, emonb_home, atomic_write_bytes, atomic_write_text, atomic_write_json
 from .crops import (face_detector, person_detector, as_detections, crop_box, body_from_face, box_cover, box_area,
                          CropParams, ImageReadError, MODEL_SUFFIXES)
-from .data import IMAGE_EXTS, NORMALIZATION_PRESETS
+from .data import (IMAGE_EXTS, NORMALIZATION_PRESETS, read_fer2013, read_rafdb, read_caer_s, read_fedro, read_ferplus,
+                        read_affectnet)
+from .evaluate import write_report, evaluate_predictions, cross_dataset_scores
 from .prompts import class_names, EXPCLIP_PROMPT_SETS
 from .encoders import ClipEncoder, default_device
 from .kefer import KeferModel, ClipImageTower, resnet_encoder
@@ -29,13 +31,15 @@ from .worldclip import world_clip_encoder
 
 # %% auto #0
 __all__ = ['BUNDLE_KEY', 'BUNDLE_VERSION', 'OUTPUTS', 'METHODS', 'INTERPOLATIONS', 'KNOWN_WEIGHTS', 'WEIGHT_SUFFIXES',
-           'VIDEO_EXTS', 'NO_FACE_POLICIES', 'ON_ERROR', 'BASE_COLUMNS', 'MethodSpec', 'register_method', 'method_spec',
-           'random_clip', 'build_visual', 'quickstart_network', 'input_spec', 'clip_input_spec', 'image_transform',
-           'weights_dir', 'resolve_weights', 'Bundle', 'save_bundle', 'bundle_header', 'load_bundle', 'install_weights',
-           'Source', 'array_to_image', 'read_image', 'expand_sources', 'Frame', 'video_frame_count', 'iter_frames',
-           'write_video', 'Predictor', 'prompt_templates', 'ZeroShotPredictor', 'BundlePredictor', 'resolve_device',
-           'make_predictor', 'as_detector', 'sort_faces', 'body_for_face', 'face_crops', 'predictions_frame',
-           'write_predictions', 'predict', 'frame_rows', 'read_frame', 'plot_predictions', 'quickstart_bundle']
+           'VIDEO_EXTS', 'NO_FACE_POLICIES', 'ON_ERROR', 'BASE_COLUMNS', 'DATASET_READERS', 'MethodSpec',
+           'register_method', 'method_spec', 'random_clip', 'build_visual', 'quickstart_network', 'input_spec',
+           'clip_input_spec', 'image_transform', 'weights_dir', 'resolve_weights', 'Bundle', 'save_bundle',
+           'bundle_header', 'load_bundle', 'install_weights', 'Source', 'array_to_image', 'read_image',
+           'expand_sources', 'Frame', 'video_frame_count', 'iter_frames', 'write_video', 'Predictor',
+           'prompt_templates', 'ZeroShotPredictor', 'BundlePredictor', 'resolve_device', 'make_predictor',
+           'as_detector', 'sort_faces', 'body_for_face', 'face_crops', 'predictions_frame', 'write_predictions',
+           'predict', 'frame_rows', 'read_frame', 'plot_predictions', 'quickstart_bundle', 'read_dataset',
+           'evaluate_dataset']
 
 # %% ../nbs/16_predict.ipynb #5ac2765b
 BUNDLE_KEY = 'emonb_bundle'
@@ -755,3 +759,39 @@ def quickstart_bundle(run, path=None, overwrite: bool = False) -> Path:
     _load_state(model, _fastai_state(ckpt), str(ckpt))
     return save_bundle(model, path or run/'model.safetensors', 'quickstart', 'fer2013', dict(c_in=1, n_out=7, widen=0.5),
                        input_spec(48, 'L', 'none'), info=info, overwrite=overwrite)
+
+# %% ../nbs/16_predict.ipynb #7abf538b
+DATASET_READERS = {'fer2013': read_fer2013, 'rafdb': read_rafdb, 'caer_s': read_caer_s, 'fedro': read_fedro,
+                   'ferplus': read_ferplus, 'affectnet7': lambda root: read_affectnet(root, 7),
+                   'affectnet8': lambda root: read_affectnet(root, 8)}
+
+def read_dataset(name: str, root) -> pd.DataFrame:
+    "The sample table of dataset `name` (a key of `DATASET_READERS`) at `root`."
+    if name not in DATASET_READERS:
+        raise ValueError(f"unknown dataset {name!r}: one of {', '.join(DATASET_READERS)} (or read it yourself with emonb.data and pass the table)")
+    return DATASET_READERS[name](root)
+
+def evaluate_dataset(df: pd.DataFrame, method='zeroshot', weights=None, split: str = 'test', out=None, detector=None,
+                     device='auto', batch_size: int = 32, clip_model: str | None = None, prompts='ensemble10',
+                     progress: bool = False, overwrite: bool = False) -> dict:
+    "WAR / UAR (and a report folder `out`) of a zero-shot CLIP or a trained bundle on the `split` rows of a single-label sample table."
+    if 'split' not in df or 'label' not in df or 'path' not in df:
+        raise ValueError("evaluate_dataset needs a sample table with path, label and split columns (an emonb.data reader's output)")
+    rows = df[df.split == split]
+    if rows.empty: raise ValueError(f"the table has no {split!r} rows (splits: {sorted(df.split.unique())})")
+    test_labels = label_set(df.attrs.get('label_set') or rows.dataset.iloc[0])
+    predictor = make_predictor(method, weights, test_labels if method == 'zeroshot' else None, device, clip_model, prompts)
+    pred = predict(list(rows.path), predictor, detector=detector, batch_size=batch_size, progress=progress, no_face='whole')
+    first = pred[pred.face == 0].reset_index(drop=True)      # one prediction per image: the main (first, left-most) face
+    if len(first) != len(rows): raise RuntimeError(f"{len(rows)} images but {len(first)} predictions")
+    model_labels = predictor.labels
+    scores = first[list(model_labels.names)].to_numpy(float)
+    scores, dropped, absent = cross_dataset_scores(scores, model_labels, test_labels)
+    run = dict(method=method if isinstance(method, str) else type(method).__name__, weights=str(weights) if weights else None,
+               split=split, model_labels=model_labels.name, test_labels=test_labels.name, dropped_model_classes=dropped,
+               detector=detector if isinstance(detector, (str, type(None))) else type(detector).__name__,
+               no_face_frames=int(pred.attrs.get('summary', {}).get('no_face_frames', 0)))
+    targets = rows.label.to_numpy(int)
+    if out is not None: return write_report(out, targets, scores, test_labels, items=list(rows.path), run=run, overwrite=overwrite)
+    m = evaluate_predictions(targets, scores, test_labels); m['run'] = run
+    return m
