@@ -561,7 +561,7 @@ def check_images(df: pd.DataFrame, policy: str = 'raise') -> pd.DataFrame:
         try:
             with Image.open(p) as im:
                 mode = im.mode; im.load()
-        except OSError as e:
+        except (OSError, ValueError, SyntaxError, ImportError) as e:   # ImportError: a decoder plugin (e.g. HEIF, registered by ultralytics) missing
             if 'truncated' in str(e) and policy == 'repair':
                 report.add(p, 'truncated image', str(e), 'kept; missing part filled when loaded', 'note'); truncated[i] = True
             else:

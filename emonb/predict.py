@@ -345,7 +345,7 @@ def read_image(path) -> Image.Image:
         with Image.open(p) as im:
             im.load()
             return _rgb(ImageOps.exif_transpose(im))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as e:   # ImportError: a decoder plugin (e.g. HEIF) tried and missing
         raise ImageReadError(f"cannot read image file {p}: {type(e).__name__}: {e}") from None
 
 def expand_sources(src) -> tuple:
