@@ -21,7 +21,7 @@ from fastai.torch_core import TensorBase, set_seed
 from fastai.data.transforms import Transform
 from .core import label_set, war, mean_average_precision, war_metric, uar_metric, map_metric, prepare_output_dir
 from .data import (LevelCrop, parse_box, normalization, multi_hot, split_dataloader, read_caer_s, read_emotic,
-                        join_boxes, _train_val, _y_block)
+                        join_boxes, train_val_rows, target_block)
 from .encoders import ClipEncoder
 from .losses import weighted_bce, class_weights_log
 from .qp import solve_simplex_qp
@@ -430,8 +430,8 @@ def cocoer_dataloaders(df: pd.DataFrame, size=224, bs: int = 64, labels=None, mu
         if missing.any(): raise ValueError(f"{missing.sum()} sample(s) have no {c}, e.g. {df.path[missing].iloc[0]}: run emonb.crops first")
     sizes = (size,) * 3 if isinstance(size, int) else tuple(size)
     if len(sizes) != 3: raise ValueError(f"size must be one int or three (face, body, context), got {size!r}")
-    tv = _train_val(df)
-    yb, get_y = _y_block(df, labels, multi_label)
+    tv = train_val_rows(df)
+    yb, get_y = target_block(df, labels, multi_label)
     crops = tuple(TransformBlock(type_tfms=WindowCrop(l, s, context), batch_tfms=IntToFloatTensor) for l, s in zip(('face', 'body', 'context'), sizes))
     block = DataBlock(blocks=crops + (TransformBlock(type_tfms=LevelBoxes()), yb), n_inp=4, get_y=get_y, splitter=ColSplitter('is_valid'),
                       batch_tfms=normalization(normalize))

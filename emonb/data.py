@@ -25,8 +25,9 @@ __all__ = ['SAMPLE_COLUMNS', 'SPLITS', 'IMAGE_EXTS', 'POLICIES', 'PROBLEM_COLUMN
            'read_affectnet', 'ferplus_majority', 'read_ferplus', 'read_ckplus', 'read_emotic', 'multi_hot',
            'read_split_file', 'read_dfer_clip_splits', 'read_dfew', 'read_afew', 'read_mafw', 'read_ferv39k',
            'check_frames', 'load_image', 'check_images', 'split_validation', 'normalization', 'augmentation',
-           'image_dataloaders', 'split_dataloader', 'parse_box', 'LevelCrop', 'multilevel_dataloaders', 'tsn_indices',
-           'TensorClip', 'LoadClip', 'ClipToFloat', 'LoadTrainClip', 'LoadEvalClip', 'clip_dataloaders', 'join_boxes']
+           'train_val_rows', 'target_block', 'image_dataloaders', 'split_dataloader', 'parse_box', 'LevelCrop',
+           'multilevel_dataloaders', 'tsn_indices', 'TensorClip', 'LoadClip', 'ClipToFloat', 'LoadTrainClip',
+           'LoadEvalClip', 'clip_dataloaders', 'join_boxes']
 
 # %% ../nbs/02_data.ipynb #6afa31db
 SAMPLE_COLUMNS = ('dataset', 'path', 'label', 'label_name', 'split', 'fold', 'subset')
@@ -619,7 +620,8 @@ def _row_image(row) -> PILImage:
     "The image of a table row, as a fastai PILImage"
     return PILImage(load_image(row['path'], allow_truncated=bool(row.get('truncated', False))))
 
-def _train_val(df: pd.DataFrame) -> pd.DataFrame:
+def train_val_rows(df: pd.DataFrame) -> pd.DataFrame:
+    "The train and val rows of a sample table with an `is_valid` column (for fastai's `ColSplitter`); errors if either is missing (test rows are never used)."
     for c in ('path', 'split'):
         if c not in df.columns: raise ValueError(f"sample table has no {c!r} column")
     bad = sorted(set(df.split) - set(SPLITS))
@@ -632,7 +634,8 @@ def _train_val(df: pd.DataFrame) -> pd.DataFrame:
     tv['is_valid'] = tv.split == 'val'
     return tv
 
-def _y_block(df, labels, multi_label):
+def target_block(df, labels, multi_label: bool = False) -> tuple:
+    "(fastai target block, get_y) of a sample table: `CategoryBlock` on `label_name` in the label set's order, or `MultiCategoryBlock` on `labels` ('|'-joined)."
     labels = label_set(labels or df.attrs.get('label_set'))
     if multi_label:
         if 'labels' not in df.columns: raise ValueError("multi_label=True needs a 'labels' column (names joined by '|')")
@@ -642,8 +645,8 @@ def _y_block(df, labels, multi_label):
 def image_dataloaders(df: pd.DataFrame, size: int = 224, bs: int = 64, augment: str = 'fer', normalize: str = 'imagenet',
                       labels=None, multi_label: bool = False, weighted: bool = False, num_workers: int = 0, **kw):
     "fastai DataLoaders of single images from a sample table (train rows train, val rows validate)."
-    tv = _train_val(df)
-    yb, get_y = _y_block(df, labels, multi_label)
+    tv = train_val_rows(df)
+    yb, get_y = target_block(df, labels, multi_label)
     item_tfms, aug = augmentation(augment, size)
     block = DataBlock(blocks=(TransformBlock(type_tfms=_row_image, batch_tfms=IntToFloatTensor), yb), get_y=get_y,
                       splitter=ColSplitter('is_valid'), item_tfms=item_tfms, batch_tfms=aug + normalization(normalize))
@@ -696,8 +699,8 @@ def multilevel_dataloaders(df: pd.DataFrame, size: int = 224, bs: int = 16, cont
         if c not in df.columns: raise ValueError(f"multi-level samples need a {c!r} column: add boxes with emonb.crops or use a dataset that has them")
         missing = df[c].isna()
         if missing.any(): raise ValueError(f"{missing.sum()} sample(s) have no {c}, e.g. {df.path[missing].iloc[0]}: run emonb.crops first (it applies the no-detection fallback)")
-    tv = _train_val(df)
-    yb, get_y = _y_block(df, labels, multi_label)
+    tv = train_val_rows(df)
+    yb, get_y = target_block(df, labels, multi_label)
     item_tfms, aug = augmentation(augment, size)
     blocks = tuple(TransformBlock(type_tfms=LevelCrop(l, context), batch_tfms=IntToFloatTensor) for l in ('face', 'body', 'context'))
     block = DataBlock(blocks=blocks + (yb,), n_inp=3, get_y=get_y, splitter=ColSplitter('is_valid'),
@@ -762,8 +765,8 @@ class LoadEvalClip(LoadClip):
 def clip_dataloaders(df: pd.DataFrame, n_frames: int = 16, size: int = 112, bs: int = 8, pad: str = 'last',
                      normalize: str = 'clip', labels=None, num_workers: int = 0, **kw):
     "fastai DataLoaders yielding (clips (B, T, C, H, W), y) from a table of frame folders, TSN-sampled."
-    tv = _train_val(df)
-    yb, get_y = _y_block(df, labels, False)
+    tv = train_val_rows(df)
+    yb, get_y = target_block(df, labels, False)
     clip_block = TransformBlock(type_tfms=[LoadTrainClip(n_frames, size, pad), LoadEvalClip(n_frames, size, pad)],
                                 batch_tfms=ClipToFloat(NORMALIZATION_PRESETS[normalize] if normalize in NORMALIZATION_PRESETS
                                                        else normalization(normalize)))
