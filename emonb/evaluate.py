@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 import seaborn as sns
 import torch
 from .core import (LabelSet, label_set, war, uar, per_class_recall, confusion_matrix, mean_average_precision,
-                        average_precision_per_class, map_labels, prepare_output_dir, atomic_write_json, atomic_write_bytes, _np)
+                        average_precision_per_class, label_mapping, map_labels, prepare_output_dir, atomic_write_json, atomic_write_bytes, _np)
 
 # %% auto #0
 __all__ = ['evaluate_predictions', 'plot_confusion', 'predictions_table', 'write_report', 'evaluate_learner',
@@ -159,14 +159,13 @@ def cross_dataset_scores(scores, model_labels, test_labels, missing: str = 'rais
     s = np.asarray(_np(scores), dtype=np.float64)
     if s.ndim != 2 or s.shape[1] != len(src):
         raise ValueError(f"scores must have shape (n, {len(src)}) for the model's classes {list(src.names)}, got {s.shape}")
-    absent = [n for n in dst.names if n not in src.names]
+    model_index = label_mapping(dst, src, missing=-1)               # the model's column of each test class (-1: none)
+    absent = [n for n, i in zip(dst.names, model_index) if i < 0]
     if absent and missing == 'raise':
         raise ValueError(f"the test set {dst.name!r} has class(es) {absent} that the model ({src.name!r}) cannot predict; "
                          f"pass missing='zero' to score them as never predicted")
     dropped = [n for n in src.names if n not in dst.names]
-    out = np.zeros((len(s), len(dst)))
-    for j, n in enumerate(dst.names):
-        if n in src.names: out[:, j] = s[:, src.names.index(n)]
+    out = np.where(model_index >= 0, s[:, np.maximum(model_index, 0)], 0.)
     if renormalize and dropped:
         total = out.sum(1, keepdims=True)
         if (s < 0).any(): raise ValueError("renormalize=True needs probabilities (non-negative scores); pass renormalize=False for logits")
