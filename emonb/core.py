@@ -13,7 +13,8 @@ import numpy as np
 __all__ = ['ADJECTIVES', 'SYNONYMS', 'EMOTIONS', 'LEVELS', 'LABEL_SETS', 'canonical_name', 'LabelSet', 'register_label_set',
            'label_set', 'label_mapping', 'map_labels', 'confusion_matrix', 'per_class_recall', 'war', 'uar',
            'average_precision_per_class', 'mean_average_precision', 'war_metric', 'uar_metric', 'map_metric',
-           'prepare_output_dir', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'emonb_home']
+           'is_main_process', 'prepare_output_dir', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
+           'emonb_home']
 
 # %% ../nbs/00_core.ipynb #ad084668
 ADJECTIVES = {
@@ -269,9 +270,15 @@ def map_metric():
     return AccumMetric(mean_average_precision, activation=ActivationType.Sigmoid, flatten=False, invert_arg=True, name='mAP')
 
 # %% ../nbs/00_core.ipynb #f4779dde
+def is_main_process() -> bool:
+    "True in a single-process run and in rank 0 of a multi-process one (torchrun / accelerate set `RANK`): the process that writes files."
+    return int(os.environ.get('RANK', 0)) == 0
+
 def prepare_output_dir(path, overwrite: bool = False) -> Path:
-    "Create the folder `path`; refuse an existing non-empty one unless `overwrite` (then empty it first)."
+    "Create the folder `path`; refuse an existing non-empty one unless `overwrite` (then empty it first). In a multi-process run only rank 0 checks and empties it."
     path = Path(path)
+    if not is_main_process():   # torchrun / accelerate: rank 0 owns the folder; the others only make sure it exists
+        path.mkdir(parents=True, exist_ok=True); return path
     if path.exists() and not path.is_dir(): raise NotADirectoryError(f"output path {path} exists and is not a folder")
     if path.exists() and any(path.iterdir()):
         if not overwrite:
