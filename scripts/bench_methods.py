@@ -82,17 +82,22 @@ def bench_expclip(device, n: int, d_clip: int, d_teacher: int, epochs: int) -> d
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--model', default='ViT-B-32')
-    p.add_argument('--bs', type=int, default=48); p.add_argument('--frames', type=int, default=16)
-    p.add_argument('--steps', type=int, default=10); p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--model', help='open_clip config (default ViT-B-32; --small: emonb-tiny-vit)')
+    p.add_argument('--bs', type=int, help='clips per batch (default 48; --small: 4)')
+    p.add_argument('--frames', type=int, help='frames per clip (default 16; --small: 4)')
+    p.add_argument('--steps', type=int, help='timed steps (default 10; --small: 2)')
+    p.add_argument('--warmup', type=int, help='untimed steps first (default 3; --small: 1)')
     p.add_argument('--variants', default='fp32,bf16,bf16+compile')
-    p.add_argument('--expclip-pairs', type=int, default=49_000)
+    p.add_argument('--expclip-pairs', type=int, help='cached embedding pairs (default 49,000; --small: 4,096)')
     p.add_argument('--skip', default='', help='comma-separated: dferclip, expclip')
-    p.add_argument('--small', action='store_true', help='tiny sizes for a CPU smoke test')
+    p.add_argument('--small', action='store_true', help='tiny sizes for a CPU smoke test (options given explicitly still apply)')
     p.add_argument('--json', help='also write the results to this file')
     a = p.parse_args(argv)
     device = torch.device(a.device)
-    if a.small: a.model, a.bs, a.frames, a.steps, a.warmup, a.expclip_pairs = 'emonb-tiny-vit', 4, 4, 2, 1, 4096
+    sizes = (dict(model='emonb-tiny-vit', bs=4, frames=4, steps=2, warmup=1, expclip_pairs=4096) if a.small else
+             dict(model='ViT-B-32', bs=48, frames=16, steps=10, warmup=3, expclip_pairs=49_000))
+    for k, v in sizes.items():
+        if getattr(a, k) is None: setattr(a, k, v)
     if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = False; torch.backends.cudnn.allow_tf32 = False
     out = dict(device=torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu', torch=torch.__version__)
     skip = set(s.strip() for s in a.skip.split(',') if s.strip())
