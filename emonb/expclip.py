@@ -299,7 +299,7 @@ def train_projection(e_I, e_G, config: TrainConfig = None, bs: int = 512, loss: 
     torch.manual_seed(config.seed)
     model = ExpCLIPProjection(np.shape(e_I)[1], np.shape(e_G)[1], bias=bias)
     learn = make_learner(dls, model, ExpCLIPLoss(loss, scale), config, path=path, cbs=cbs)
-    with learn.no_bar(), learn.no_logging(): fit(learn, config)
+    fit(learn, config, quiet=True)
     return learn
 
 # %% ../nbs/12_expclip.ipynb #1fbfd653

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from fastai.callback.core import Callback
-from fastai.callback.progress import ProgressCallback
 from fastai.torch_core import set_seed
 from fastai.losses import CrossEntropyLossFlat
 from .core import LabelSet, label_set, war_metric, uar_metric, prepare_output_dir
@@ -166,10 +165,7 @@ def _fit_and_report(df, out, model, loss_func, method: str, labels: LabelSet, si
     learn = make_learner(dls, model, loss_func, replace(config, keep_epochs=keep_epochs), metrics=[war_metric(), uar_metric(len(labels))],
                          path=out, cbs=list(cbs))
     t0 = time.time()
-    if progress: fit(learn, config)
-    else:
-        learn.remove_cb(ProgressCallback)
-        with learn.no_logging(): fit(learn, config)
+    fit(learn, config, quiet=not progress)
     train_seconds = time.time() - t0
     best = load_best(learn) if select == 'best' else None
     test = df[df.split == 'test'].reset_index(drop=True)

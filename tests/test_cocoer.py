@@ -169,3 +169,17 @@ def test_tiny_run_writes_a_report(tmp_path, clip):
     assert fe['n'] == 14 and abs(fe['context'] + fe['body'] + fe['head'] - 100) < 1e-6
     assert (tmp_path/'run'/'models'/'checkpoints'/'best.pth').exists()
     with pytest.raises(ValueError, match='needs a CLIP'): train_cocoer(df, tmp_path/'run2', size=COCOER_CPU_SIZE, **COCOER_CPU)
+
+def test_cached_run_equals_uncached_multilabel(tmp_path, clip):
+    "EMOTIC layout (multi-label): a run from the window cache is the run from the images, FlipLevels flips included."
+    from emonb.synth import SyntheticWorld, write_dataset
+    write_dataset(SyntheticWorld(seed=4, conflict=0.3), tmp_path/'em', 'emotic', {'train': 28, 'val': 14, 'test': 14})
+    df = world_table(tmp_path/'em')
+    kw = dict(clip=clip, size=COCOER_CPU_SIZE, bs=14, progress=False, select='last',
+              config=cocoer_config('emotic', epochs=1, lr=1e-3, schedule='constant'), **COCOER_CPU)
+    li, mi = train_cocoer(df, tmp_path/'images', **kw)
+    lc, mc = train_cocoer(df, tmp_path/'cached', cache=tmp_path/'cache', **kw)
+    assert mc['run']['data'] == str(tmp_path/'cache') and mc['run']['multi_label']
+    assert lc.recorder.values == li.recorder.values and mc['mAP'] == mi['mAP']
+    bi, bc = li.dls.valid.one_batch(), lc.dls.valid.one_batch()
+    assert [type(x) for x in bi] == [type(x) for x in bc] and all(torch.allclose(a.float(), b.float()) for a, b in zip(bi, bc))

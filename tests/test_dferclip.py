@@ -86,3 +86,24 @@ def test_temporal_model_learns_a_one_frame_signal(texts):
 
 def test_encode_frames_checks_size():
     with pytest.raises(ValueError, match='the CLIP takes 64 px'): encode_frames(tiny_clip(), np.zeros((1, 2, 32, 32, 3), np.uint8))
+
+def test_train_dferclip_from_a_frame_cache(tmp_path, monkeypatch):
+    "cache=True builds the frame cache of the whole table under EMONB_HOME, trains from it, and scores the test clips as the frame folders do."
+    from emonb.synth import SyntheticWorld, write_dataset
+    from emonb.data import read_dfew, split_validation, clip_dataloaders, split_dataloader
+    from emonb.cache import CachedDataLoaders, ClipCache
+    from emonb.dferclip import train_dferclip, _use_clip_stats
+    monkeypatch.setenv('EMONB_HOME', str(tmp_path/'home'))
+    write_dataset(SyntheticWorld(seed=2), tmp_path/'d', 'dfew', {'train': 21, 'test': 7})
+    df = split_validation(read_dfew(tmp_path/'d'), 0.2, seed=0)
+    clip = tiny_clip()
+    learn, met = train_dferclip(df, clip, tmp_path/'run', n_frames=4, bs=4, config=dferclip_config(epochs=1), cache=True, quiet=True)
+    folders = list((tmp_path/'home'/'cache').iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith('clips-') and met['run']['data'] == str(folders[0])
+    assert isinstance(learn.dls, CachedDataLoaders) and len(ClipCache(folders[0])) == len(df) and met['n'] == 7
+    udls = clip_dataloaders(df, 4, clip.image_size, 4, normalize='none'); _use_clip_stats(udls, clip.image_mean_std)
+    with learn.no_bar():
+        s_u = learn.get_preds(dl=split_dataloader(udls, df, 'test'))[0]
+        s_c = learn.get_preds(dl=split_dataloader(learn.dls, df, 'test'))[0]
+    assert torch.allclose(s_u, s_c, atol=1e-5)   # evaluation reads the same pixels
+    with pytest.raises(ValueError, match='not both'): train_dferclip(df, clip, tmp_path/'run2', cache=True, dls=learn.dls)

@@ -180,3 +180,19 @@ def test_train_mlper_end_to_end(tmp_path):
     assert occ['n'] == 14
     with pytest.raises(ValueError, match="no 'test' rows"): train_mlper(df[df.split != 'test'], tiny_clip(), tmp_path/'x')
     with pytest.raises(FileExistsError): train_mlper(df, tiny_clip(), tmp_path/'run')
+
+def test_train_mlper_from_a_window_cache_equals_images(tmp_path, monkeypatch):
+    "Without augmentation, a run from the window cache (cache=True: under EMONB_HOME) is the run from the images: same losses and test metrics."
+    from emonb.synth import SyntheticWorld, write_dataset
+    from emonb.cache import CachedDataLoaders
+    monkeypatch.setenv('EMONB_HOME', str(tmp_path/'home'))
+    write_dataset(SyntheticWorld(seed=5), tmp_path/'d', 'caer_s', {'train': 56, 'test': 14})
+    df = caer_s_with_boxes(tmp_path/'d')
+    kw = dict(config=mlper_config(epochs=1, lr=(1e-4, 1e-2)), bs=8, augment='none', quiet=True)
+    clip = lambda: (torch.manual_seed(0), tiny_clip())[1]   # the tiny CLIP is randomly initialised: the same weights for both runs
+    li, mi = train_mlper(df, clip(), tmp_path/'images', **kw)
+    lc, mc = train_mlper(df, clip(), tmp_path/'cached', cache=True, **kw)
+    assert isinstance(lc.dls, CachedDataLoaders) and mc['run']['data'].startswith(str(tmp_path/'home'/'cache'/'levels-'))
+    assert lc.recorder.values == li.recorder.values and (mc['war'], mc['uar']) == (mi['war'], mi['uar'])
+    la, ma = train_mlper(df, tiny_clip(), tmp_path/'augmented', cache=True, config=kw['config'], bs=8, quiet=True)   # the cache is reused
+    assert ma['run']['data'] == mc['run']['data'] and len(list((tmp_path/'home'/'cache').iterdir())) == 1
