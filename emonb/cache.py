@@ -180,23 +180,29 @@ def build_clip_cache(df: pd.DataFrame, folder=None, size: int = 112, rebuild: st
                                                   shape=[int(counts.sum()), size, size, 3], seconds=round(time.time() - t0, 1)))
     return ClipCache(_prepare(folder, 'clips', settings, samples, rebuild, verify, write, _clip_stamps))
 
-class ClipCache:
-    "A built clip cache: `frames` (memory-mapped, N_total x S x S x 3 uint8) and per-clip `offset` / `count`, looked up by frame folder."
-    kind = 'clips'
+class _BuiltCache:
+    "What every built cache folder has: its manifest (of this `kind`), its index and the index row of each key."
+    kind = None
     def __init__(self, folder):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         if self.manifest is None: raise CacheError(f"{self.folder} is not an emonb cache (no {MANIFEST})")
         if self.manifest['kind'] != self.kind: raise CacheError(f"{self.folder} is a {self.manifest['kind']} cache, not a {self.kind} cache")
         self.index = pd.read_csv(self.folder/'index.csv', keep_default_na=False, dtype={'stamp': str})
-        self.size = self.manifest['settings']['size']
         self._pos = {k: i for i, k in enumerate(self.index.key)}
+    def __len__(self): return len(self.index)
+
+class ClipCache(_BuiltCache):
+    "A built clip cache: `frames` (memory-mapped, N_total x S x S x 3 uint8) and per-clip `offset` / `count`, looked up by frame folder."
+    kind = 'clips'
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.size = self.manifest['settings']['size']
         shape = tuple(self.frames.shape)
         if shape != tuple(self.manifest['shape']) or self.index['count'].sum() != shape[0]:
             raise CacheError(f"cache folder {self.folder} is damaged: frames.npy has shape {shape}, the manifest says {self.manifest['shape']}")
     @property
     def frames(self) -> np.ndarray: return np.load(self.folder/'frames.npy', mmap_mode='r')
-    def __len__(self): return len(self.index)
     def __repr__(self): return f"ClipCache({self.folder}, {len(self)} clips, {self.manifest['n_frames']} frames of {self.size}px)"
     def positions(self, df: pd.DataFrame) -> np.ndarray:
         "Row of the index of each row of `df` (by frame folder); StaleCacheError naming the folder if one is not in the cache."
@@ -410,24 +416,18 @@ def build_level_cache(df: pd.DataFrame, folder=None, size=224, resize: str = 'sq
                                                   seconds=round(time.time() - t0, 1)))
     return LevelCache(_prepare(folder, 'levels', settings, samples, rebuild, verify, write, _image_stamps))
 
-class LevelCache:
+class LevelCache(_BuiltCache):
     "A built multi-level cache: memory-mapped `face`, `body`, `context` (N x S x S x 3 uint8) and `boxes` (N x 2 x 4), looked up by row key."
     kind = 'levels'
     def __init__(self, folder):
-        self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
-        if self.manifest is None: raise CacheError(f"{self.folder} is not an emonb cache (no {MANIFEST})")
-        if self.manifest['kind'] != self.kind: raise CacheError(f"{self.folder} is a {self.manifest['kind']} cache, not a {self.kind} cache")
-        self.index = pd.read_csv(self.folder/'index.csv', keep_default_na=False, dtype={'stamp': str})
+        super().__init__(folder)
         self.settings = self.manifest['settings']; self.sizes = tuple(self.settings['sizes'])
-        self._pos = {k: i for i, k in enumerate(self.index.key)}
         for l in LEVELS:
             if list(self.array(l).shape) != self.manifest['shapes'][l]:
                 raise CacheError(f"cache folder {self.folder} is damaged: {l}.npy has shape {self.array(l).shape}, the manifest says {self.manifest['shapes'][l]}")
     def array(self, name: str) -> np.ndarray:
         "The memory-mapped array `name` ('face', 'body', 'context' or 'boxes')."
         return np.load(self.folder/f'{name}.npy', mmap_mode='r')
-    def __len__(self): return len(self.index)
     def __repr__(self): return f"LevelCache({self.folder}, {len(self)} rows, sizes {self.sizes}, {self.settings['resize']}, context {self.settings['context']})"
     def positions(self, df: pd.DataFrame) -> np.ndarray:
         "Row of the index of each row of `df` (by path, boxes, fallback, truncated); StaleCacheError naming the folder if one is not in the cache."

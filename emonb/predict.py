@@ -749,17 +749,21 @@ def write_predictions(df: pd.DataFrame, path, overwrite: bool = False) -> Path:
     atomic_write_json(path.with_suffix('.json'), df.attrs.get('summary', {}), default=str)
     return path
 
-def predict(src, method='zeroshot', weights=None, labels=None, detector='face', device='auto', batch_size: int = 32,
-            progress: bool = True, frame_step: int = 1, save_csv=None, no_face: str = 'row', on_error: str = 'raise',
-            person_detector='person', clip_model: str | None = None, prompts='ensemble10', overwrite: bool = False,
-            face_margin: float | None = None, clip_weights=None, window: int | None = None, stride: int | None = None) -> pd.DataFrame:
-    "Emotion probabilities of every face in `src` (image, folder, video, in-memory image or a list): one row per face per frame (per clip window for video methods)."
+def _check_run_options(batch_size, frame_step, no_face, on_error, save_csv, overwrite):
+    "The settings `predict` and `predict_clips` share, checked before any work: a bad one or an existing output file is an error."
     _positive_int('batch_size', batch_size); _positive_int('frame_step', frame_step)
     if no_face not in NO_FACE_POLICIES: raise ValueError(f"no_face must be one of {NO_FACE_POLICIES}, got {no_face!r}")
     if on_error not in ON_ERROR: raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     if save_csv is not None and not overwrite:
         p = Path(save_csv).expanduser()
         if p.exists() or p.with_suffix('.json').exists(): raise FileExistsError(f"{p} (or its summary) already exists: pass overwrite=True to replace it")
+
+def predict(src, method='zeroshot', weights=None, labels=None, detector='face', device='auto', batch_size: int = 32,
+            progress: bool = True, frame_step: int = 1, save_csv=None, no_face: str = 'row', on_error: str = 'raise',
+            person_detector='person', clip_model: str | None = None, prompts='ensemble10', overwrite: bool = False,
+            face_margin: float | None = None, clip_weights=None, window: int | None = None, stride: int | None = None) -> pd.DataFrame:
+    "Emotion probabilities of every face in `src` (image, folder, video, in-memory image or a list): one row per face per frame (per clip window for video methods)."
+    _check_run_options(batch_size, frame_step, no_face, on_error, save_csv, overwrite)
     predictor = make_predictor(method, weights, labels, device, clip_model, prompts, clip_weights=clip_weights)
     if predictor.video:
         return predict_clips(src, predictor, detector=detector, batch_size=batch_size, progress=progress, frame_step=frame_step,
@@ -895,12 +899,7 @@ def predict_clips(src, method='bundle', weights=None, detector='face', device='a
                   frame_step: int = 1, window: int | None = None, stride: int | None = None, save_csv=None, no_face: str = 'row',
                   on_error: str = 'raise', overwrite: bool = False, face_margin: float | None = None, clip_weights=None) -> pd.DataFrame:
     "A video method (DFER-CLIP bundle) on streams of frames: the main face per frame, clips of `n_frames` per window; one row per window."
-    _positive_int('batch_size', batch_size); _positive_int('frame_step', frame_step)
-    if no_face not in NO_FACE_POLICIES: raise ValueError(f"no_face must be one of {NO_FACE_POLICIES}, got {no_face!r}")
-    if on_error not in ON_ERROR: raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    if save_csv is not None and not overwrite:
-        p = Path(save_csv).expanduser()
-        if p.exists() or p.with_suffix('.json').exists(): raise FileExistsError(f"{p} (or its summary) already exists: pass overwrite=True to replace it")
+    _check_run_options(batch_size, frame_step, no_face, on_error, save_csv, overwrite)
     predictor = make_predictor(method, weights, None, device, clip_weights=clip_weights)
     if not predictor.video: raise ValueError(f"{predictor.name} is not a video method: use predict()")
     clip_windows(0, window, stride)   # checks window / stride
