@@ -10,11 +10,11 @@ import os, json, shutil, tempfile
 import numpy as np
 
 # %% auto #0
-__all__ = ['ADJECTIVES', 'SYNONYMS', 'EMOTIONS', 'LEVELS', 'LABEL_SETS', 'canonical_name', 'LabelSet', 'register_label_set',
-           'label_set', 'label_mapping', 'map_labels', 'confusion_matrix', 'per_class_recall', 'war', 'uar',
-           'average_precision_per_class', 'mean_average_precision', 'war_metric', 'uar_metric', 'map_metric',
-           'is_main_process', 'prepare_output_dir', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
-           'emonb_home']
+__all__ = ['ADJECTIVES', 'SYNONYMS', 'EMOTIONS', 'LEVELS', 'LABEL_SETS', 'VARIANTS', 'canonical_name', 'LabelSet',
+           'register_label_set', 'label_set', 'label_mapping', 'map_labels', 'confusion_matrix', 'per_class_recall',
+           'war', 'uar', 'average_precision_per_class', 'mean_average_precision', 'war_metric', 'uar_metric',
+           'map_metric', 'check_variant', 'is_main_process', 'prepare_output_dir', 'atomic_write_bytes',
+           'atomic_write_text', 'atomic_write_json', 'emonb_home']
 
 # %% ../nbs/00_core.ipynb #ad084668
 ADJECTIVES = {
@@ -268,6 +268,15 @@ def map_metric():
     "Mean average precision over classes (multi-label, sigmoid scores) as a fastai metric named `mAP`."
     from fastai.metrics import AccumMetric, ActivationType
     return AccumMetric(mean_average_precision, activation=ActivationType.Sigmoid, flatten=False, invert_arg=True, name='mAP')
+
+# %% ../nbs/00_core.ipynb #b1d00e83
+VARIANTS = ('official', 'paper', 'emonb')   # see each method's notebook for what differs
+
+def check_variant(variant: str, method: str, allowed: tuple = VARIANTS) -> str:
+    "`variant` if `method` has it (one of `allowed`), else a clear error naming the method and its variants."
+    if variant not in allowed:
+        raise ValueError(f"{method} has no variant {variant!r}: choose one of {', '.join(map(repr, allowed))}")
+    return variant
 
 # %% ../nbs/00_core.ipynb #f4779dde
 def is_main_process() -> bool:

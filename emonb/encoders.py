@@ -192,14 +192,15 @@ class PromptLearner(nn.Module):
 
 # %% ../nbs/05_encoders.ipynb #4c899362
 class TemporalBlock(nn.Module):
-    "Pre-norm Transformer block: x + MHSA(LN(x)); x + MLP(LN(x)), attention through F.scaled_dot_product_attention."
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, mlp_dim: int = 1024, dropout: float = 0.):
+    "Pre-norm Transformer block: x + MHSA(LN(x)); x + MLP(LN(x)), attention through F.scaled_dot_product_attention; `gelu` is 'tanh' (official DFER-CLIP) or 'none' (exact)."
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, mlp_dim: int = 1024, dropout: float = 0., gelu: str = 'tanh'):
         super().__init__()
+        if gelu not in ('tanh', 'none'): raise ValueError(f"gelu must be 'tanh' (the official code's approximation) or 'none' (exact), got {gelu!r}")
         self.heads, inner = heads, heads * dim_head
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, inner * 3, bias=False)
         self.out = nn.Linear(inner, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, dim), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(approximate=gelu), nn.Dropout(dropout), nn.Linear(mlp_dim, dim), nn.Dropout(dropout))
         self.dropout = dropout
 
     def forward(self, x):
@@ -210,15 +211,16 @@ class TemporalBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 class TemporalTransformer(nn.Module):
-    "Class token + learnable positions + pre-norm Transformer over frame features (B, T, D) -> (B, D)."
+    "Class token + learnable positions + pre-norm Transformer over frame features (B, T, D) -> (B, D); defaults = DFER-CLIP's official code."
     def __init__(self, dim: int = 512, n_frames: int = 16, depth: int = 1, heads: int = 8, dim_head: int = 64,
-                 mlp_dim: int = 1024, dropout: float = 0.):
+                 mlp_dim: int = 1024, dropout: float = 0., gelu: str = 'tanh', final_norm: bool = False,
+                 cls_init_std: float = 1., pos_init_std: float = 1.):
         super().__init__()
         self.n_frames = n_frames
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embedding = nn.Parameter(torch.randn(1, n_frames + 1, dim) * 0.02)
-        self.blocks = nn.ModuleList([TemporalBlock(dim, heads, dim_head, mlp_dim, dropout) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * cls_init_std)
+        self.pos_embedding = nn.Parameter(torch.randn(1, n_frames + 1, dim) * pos_init_std)
+        self.blocks = nn.ModuleList([TemporalBlock(dim, heads, dim_head, mlp_dim, dropout, gelu) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         b, t, _ = frames.shape
