@@ -5,7 +5,7 @@
 # %% ../nbs/05_encoders.ipynb #82a0ade4
 from __future__ import annotations
 from pathlib import Path
-import os, json, time, hashlib, importlib.resources, tempfile
+import os, json, time, hashlib, importlib.resources, tempfile, zipfile, warnings
 import numpy as np
 import torch
 from torch import nn
@@ -13,9 +13,12 @@ import torch.nn.functional as F
 from .core import emonb_home, atomic_write_json
 
 # %% auto #0
-__all__ = ['model_config_dir', 'register_model_configs', 'resolve_pretrained', 'ClipEncoder', 'PromptLearner', 'TemporalBlock',
-           'TemporalTransformer', 'TimmImageEncoder', 'minilm_path', 'HFTextEncoder', 'weights_fingerprint',
-           'default_device', 'FeatureCache', 'benchmark_image_encoder', 'benchmark_feature_cache']
+__all__ = ['CLIP_ACTIVATIONS', 'model_config_dir', 'register_model_configs', 'resolve_pretrained', 'ClipWeightsNote',
+           'clip_weights_format', 'load_clip_state_dict', 'describe_clip_state_dict', 'describe_clip_config',
+           'clip_configs_fitting', 'check_clip_shapes', 'config_activation', 'clip_config_name', 'ClipEncoder',
+           'PromptLearner', 'TemporalBlock', 'TemporalTransformer', 'TimmImageEncoder', 'minilm_path', 'HFTextEncoder',
+           'weights_fingerprint', 'default_device', 'FeatureCache', 'benchmark_image_encoder',
+           'benchmark_feature_cache']
 
 # %% ../nbs/05_encoders.ipynb #1f798545
 def model_config_dir() -> Path:
@@ -67,23 +70,197 @@ def resolve_pretrained(name: str, pretrained) -> str | None:
             f"(it fills the Hugging Face cache), or download the file and pass pretrained='/path/to/weights.pt'.")
     return f
 
+# %% ../nbs/05_encoders.ipynb #0085f984
+CLIP_ACTIVATIONS = ('quickgelu', 'gelu')
+
+class ClipWeightsNote(UserWarning):
+    "What emonb decided about a CLIP checkpoint (its activation), said once per file."
+
+_SAID = set()
+def _say_once(key, msg: str):
+    if key in _SAID: return
+    _SAID.add(key); warnings.warn(msg, ClipWeightsNote, stacklevel=3)
+
+def clip_weights_format(path) -> str:
+    "'torchscript' (OpenAI's released archives), 'safetensors', or 'state_dict' (a `torch.save` file) for a CLIP weights file."
+    p = Path(path)
+    if not p.is_file(): raise FileNotFoundError(f"CLIP weights file {p} does not exist")
+    if p.suffix == '.safetensors': return 'safetensors'
+    if zipfile.is_zipfile(p):
+        with zipfile.ZipFile(p) as z: names = z.namelist()
+        # a TorchScript archive holds its compiled code (<root>/code/...) and constants.pkl; torch.save files hold neither
+        if any(n.split('/')[1:2] == ['code'] or n.endswith('/constants.pkl') for n in names): return 'torchscript'
+    return 'state_dict'
+
+def load_clip_state_dict(path) -> tuple:
+    "(state dict, format, metadata) of a CLIP weights file; only a TorchScript archive is read without `weights_only`."
+    p = Path(path); fmt = clip_weights_format(p); meta = {}
+    if fmt == 'torchscript':
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', FutureWarning)      # torch >= 2.10 calls TorchScript deprecated; OpenAI's files are TorchScript
+            sd = dict(torch.jit.load(str(p), map_location='cpu').state_dict())
+        for k in ('input_resolution', 'context_length', 'vocab_size'): sd.pop(k, None)   # OpenAI's archives keep these as tensors
+    elif fmt == 'safetensors':
+        from safetensors import safe_open
+        with safe_open(str(p), 'pt') as f: meta, sd = dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    else:
+        try: sd = torch.load(p, map_location='cpu', weights_only=True)
+        except Exception as e: raise ValueError(f"{p} cannot be read as a state dict with torch.load(weights_only=True): {str(e).splitlines()[0]}") from None
+        if isinstance(sd, dict) and isinstance(sd.get('state_dict'), dict): sd = sd['state_dict']
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{p} holds no state dict of tensors (found {type(sd).__name__})")
+    if all(k.startswith('module.') for k in sd): sd = {k[len('module.'):]: v for k, v in sd.items()}
+    return sd, fmt, meta
+
+# %% ../nbs/05_encoders.ipynb #55fc4088
+def _n_blocks(sd, prefix) -> int:
+    return len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
+
+def describe_clip_state_dict(sd: dict) -> dict:
+    "The architecture a CLIP state dict (OpenAI / open_clip layout) has: vision width, layers, patch and image size; text width, layers, context; embedding dim."
+    d = {}
+    if 'visual.conv1.weight' in sd and 'visual.class_embedding' in sd:      # ViT
+        w = sd['visual.conv1.weight']; grid = round((sd['visual.positional_embedding'].shape[0] - 1) ** 0.5)
+        d.update(vision='vit', vision_width=w.shape[0], patch_size=w.shape[-1], image_size=grid * w.shape[-1],
+                 vision_layers=_n_blocks(sd, 'visual.transformer.resblocks.'))
+    elif 'visual.layer1.0.conv1.weight' in sd:                              # OpenAI's modified ResNet
+        grid = round((sd['visual.attnpool.positional_embedding'].shape[0] - 1) ** 0.5)
+        d.update(vision='resnet', vision_width=sd['visual.layer1.0.conv1.weight'].shape[0], image_size=grid * 32,
+                 vision_layers=tuple(_n_blocks(sd, f'visual.layer{i}.') for i in range(1, 5)))
+    if 'token_embedding.weight' in sd:
+        d.update(text_width=sd['ln_final.weight'].shape[0], text_layers=_n_blocks(sd, 'transformer.resblocks.'),
+                 context_length=sd['positional_embedding'].shape[0], vocab_size=sd['token_embedding.weight'].shape[0])
+    if 'text_projection' in sd: d['embed_dim'] = sd['text_projection'].shape[-1]
+    return d
+
+def describe_clip_config(name: str) -> dict:
+    "The same description for an open_clip config (what its weights must look like)."
+    import open_clip
+    cfg = open_clip.get_model_config(name)
+    if cfg is None: raise ValueError(f"unknown CLIP model {name!r}")
+    v, t = cfg['vision_cfg'], cfg['text_cfg']
+    if 'timm_model_name' in v or 'hf_model_name' in t: return {}
+    layers = v['layers']
+    d = dict(vision='resnet' if isinstance(layers, (list, tuple)) else 'vit', vision_width=v.get('width', 768),
+             image_size=v.get('image_size', 224), vision_layers=tuple(layers) if isinstance(layers, (list, tuple)) else layers)
+    if d['vision'] == 'vit': d['patch_size'] = v.get('patch_size', 16)
+    d.update(text_width=t.get('width', 512), text_layers=t.get('layers', 12), context_length=t.get('context_length', 77),
+             vocab_size=t.get('vocab_size', 49408), embed_dim=cfg['embed_dim'])
+    return d
+
+def clip_configs_fitting(sd: dict) -> list:
+    "The open_clip configs (without -quickgelu twins) whose architecture is that of the state dict `sd`."
+    import open_clip
+    have = describe_clip_state_dict(sd); out = []
+    for n in open_clip.list_models():
+        if n.endswith('-quickgelu'): continue
+        try: want = describe_clip_config(n)
+        except Exception: continue
+        if want and all(have.get(k) == v for k, v in want.items()): out.append(n)
+    return out
+
+def check_clip_shapes(sd: dict, name: str, source) -> None:
+    "Raise a clear error when the weights `sd` (from `source`) are not those of open_clip config `name`."
+    have, want = describe_clip_state_dict(sd), describe_clip_config(name)
+    diff = [f"{k} {have.get(k)} (model {v})" for k, v in want.items() if have.get(k) != v]
+    if diff:
+        fits = clip_configs_fitting(sd)
+        raise ValueError(f"{source} does not hold the weights of CLIP {name!r}: the file has {'; '.join(diff)}. "
+                         + (f"It fits the open_clip config(s) {', '.join(fits)}: pass that name." if fits else "No open_clip config fits it."))
+
+# %% ../nbs/05_encoders.ipynb #c5e78574
+import contextlib, logging
+@contextlib.contextmanager
+def _quiet_open_clip(on: bool = True):
+    "Silence open_clip's root-logger warnings (e.g. 'No pretrained weights loaded') inside the block."
+    root = logging.getLogger(); level = root.level
+    if on: root.setLevel(logging.ERROR)
+    try: yield
+    finally: root.setLevel(level)
+
+def _quick_of(name: str) -> bool:
+    import open_clip
+    return bool((open_clip.get_model_config(name) or {}).get('quick_gelu', False))
+
+def config_activation(name: str) -> str:
+    "The activation open_clip config `name` builds: 'quickgelu' (OpenAI's CLIP, the -quickgelu configs and their twins) or 'gelu'."
+    return 'quickgelu' if name.endswith('-quickgelu') or _quick_of(name) else 'gelu'
+
+def clip_config_name(name: str, activation: str) -> str:
+    "The open_clip config of architecture `name` with `activation` ('quickgelu' or 'gelu'): `name` itself, its `-quickgelu` twin, or a twin emonb registers."
+    import open_clip
+    if activation not in CLIP_ACTIVATIONS: raise ValueError(f"activation must be one of {CLIP_ACTIVATIONS}, got {activation!r}")
+    register_model_configs()
+    if open_clip.get_model_config(name) is None: raise ValueError(f"unknown CLIP model {name!r}")
+    quick = _quick_of(name)
+    if (activation == 'quickgelu') == quick: return name
+    if activation == 'gelu':
+        raise ValueError(f"{name!r} is a QuickGELU config: activation='gelu' contradicts it (use {name.removesuffix('-quickgelu')!r} for a GELU model)")
+    twin = f'{name}-quickgelu'
+    if twin not in open_clip.list_models():       # register the twin: the same config with quick_gelu
+        cfg = {**open_clip.get_model_config(name), 'quick_gelu': True}
+        folder = emonb_home()/'model_configs'; folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder/f'{twin}.json', cfg)
+        open_clip.add_model_config(folder/f'{twin}.json')
+    return twin
+
 # %% ../nbs/05_encoders.ipynb #b014b643
 class ClipEncoder(nn.Module):
     "An open_clip CLIP model with pooled and token outputs for images, clips and texts."
-    def __init__(self, model, tokenizer, preprocess=None, name: str = ''):
+    def __init__(self, model, tokenizer, preprocess=None, name: str = '', weights=None, weights_format=None):
         super().__init__()
         self.model, self.tokenizer, self.preprocess, self.name = model, tokenizer, preprocess, name
+        self.weights, self.weights_format = (None if weights is None else str(weights)), weights_format
 
     @classmethod
-    def from_pretrained(cls, name: str, pretrained=None, device='cpu', precision: str = 'fp32', **kw) -> 'ClipEncoder':
-        "Build `name` (an open_clip or emonb config) with local weights `pretrained` (file, cached tag, or None = random)."
+    def from_pretrained(cls, name: str, pretrained=None, device='cpu', precision: str = 'fp32', activation: str = None,
+                        **kw) -> 'ClipEncoder':
+        "Build `name` (an open_clip or emonb config) with local weights `pretrained` (file, cached tag, or None = random); `activation` 'quickgelu' / 'gelu' / None (see the table above)."
         import open_clip
         register_model_configs()
+        if name.endswith('-quickgelu') and name not in open_clip.list_models() and name.removesuffix('-quickgelu') in open_clip.list_models():
+            name = clip_config_name(name.removesuffix('-quickgelu'), 'quickgelu')      # a twin emonb registered in another process
         if name not in open_clip.list_models():
             raise ValueError(f"unknown CLIP model {name!r}; e.g. {', '.join(m for m in open_clip.list_models() if 'ViT-B' in m or m.startswith('emonb'))[:300]}")
-        weights = resolve_pretrained(name, pretrained)
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device, precision=precision, **kw)
-        return cls(model.eval(), open_clip.get_tokenizer(name), preprocess, name=name)
+        if activation is not None and activation not in CLIP_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {CLIP_ACTIVATIONS} or None (decided by the weights), got {activation!r}")
+        weights, sd, fmt = resolve_pretrained(name, pretrained), None, None
+        if weights is not None:
+            sd, fmt, meta = load_clip_state_dict(weights)
+            if pretrained in open_clip.list_pretrained_tags_by_model(name):      # a cached tag: its own activation
+                tag_act = 'quickgelu' if open_clip.get_pretrained_cfg(name, pretrained).get('quick_gelu') else 'gelu'
+                if activation not in (None, tag_act):
+                    raise ValueError(f"{name} pretrained={pretrained!r} was trained with {tag_act}: activation={activation!r} contradicts it")
+                activation, fmt = tag_act, f'tag {pretrained} ({fmt})'
+            elif fmt == 'torchscript':
+                if activation == 'gelu': warnings.warn(f"{weights} is a TorchScript archive (OpenAI's CLIP, trained with QuickGELU) but activation='gelu' was asked for", ClipWeightsNote)
+                activation = activation or 'quickgelu'
+                _say_once(weights, f"{weights} is a TorchScript archive, OpenAI's CLIP: loaded into {clip_config_name(name, activation)} ({activation})")
+            elif activation is None:
+                activation = meta.get('activation') or ('quickgelu' if 'gelu' not in name else 'gelu')
+                if meta.get('activation') is None:
+                    _say_once(weights, f"{weights} does not say which activation it was trained with: loaded as {clip_config_name(name, activation)} "
+                                       f"(QuickGELU, OpenAI's CLIP, as the papers use); pass activation='gelu' for GELU-trained weights (e.g. LAION's)")
+        config = clip_config_name(name, activation or ('quickgelu' if _quick_of(name) else 'gelu'))
+        if sd is not None: check_clip_shapes(sd, config, weights)
+        with _quiet_open_clip(sd is not None):     # open_clip would log 'initialized randomly': the weights are loaded next
+            model, _, preprocess = open_clip.create_model_and_transforms(config, pretrained=None, device=device, precision=precision, **kw)
+        if sd is not None:
+            if 'logit_scale' in sd and sd['logit_scale'].shape != model.logit_scale.shape: sd['logit_scale'] = sd['logit_scale'].reshape(model.logit_scale.shape)
+            bad = model.load_state_dict(sd, strict=False)
+            if bad.missing_keys or bad.unexpected_keys:
+                raise ValueError(f"{weights} does not fit CLIP {config!r}: missing {bad.missing_keys[:5]}, unexpected {bad.unexpected_keys[:5]}")
+        return cls(model.eval(), open_clip.get_tokenizer(config), preprocess, name=config, weights=weights, weights_format=fmt)
+
+    @property
+    def activation(self) -> str:
+        "'quickgelu' or 'gelu': the activation the model's MLPs actually run."
+        from open_clip.transformer import QuickGELU
+        return 'quickgelu' if any(isinstance(m, QuickGELU) for m in self.model.modules()) else 'gelu'
+
+    def describe(self) -> dict:
+        "What a run report records of this CLIP: open_clip config, activation, weights file (or tag) and its format."
+        return dict(name=self.name, activation=self.activation, weights=self.weights, weights_format=self.weights_format)
 
     @property
     def embed_dim(self) -> int: return self.model.text_projection.shape[1] if self.model.text_projection is not None else self.model.transformer.width

@@ -228,7 +228,7 @@ def load_world_clip(device='cpu', path=None) -> tuple:
 def world_clip_encoder(device='cpu', path=None) -> ClipEncoder:
     "The world's CLIP as an `emonb.encoders.ClipEncoder`."
     model, preprocess, tokenizer = load_world_clip(device, path)
-    return ClipEncoder(model, tokenizer, preprocess, name=WORLD_CLIP)
+    return ClipEncoder(model, tokenizer, preprocess, name=WORLD_CLIP, weights='world' if path is None else path, weights_format='safetensors')
 
 # %% ../nbs/05a_worldclip.ipynb #33831af1
 WORLD_CLIP_RECIPE = dict(seed=0, n_faces=20000, n_scenes=10000, steps=800, batch_size=256, lr=2e-3, weight_decay=0.1,
