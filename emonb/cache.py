@@ -5,7 +5,7 @@
 # %% ../nbs/04a_cache.ipynb #a43fcb2c
 from __future__ import annotations
 from pathlib import Path
-import hashlib, json, os, random, shutil, tempfile, time, warnings
+import hashlib, json, math, os, random, shutil, tempfile, time, warnings
 import numpy as np, pandas as pd
 from PIL import Image
 import torch, torch.nn.functional as F
@@ -15,11 +15,12 @@ from fastai.torch_core import TensorBase, TensorImage, TensorCategory, TensorMul
 from fastai.vision.all import Transform, ItemTransform, Pipeline, IntToFloatTensor, Resize, PILImage
 from .core import LEVELS, label_set, emonb_home, atomic_write_json, atomic_write_text
 from .data import (IMAGE_EXTS, NORMALIZATION_PRESETS, DataError, TensorClip, ClipToFloat, LevelCrop, load_image, parse_box,
-                        tsn_indices, train_val_rows, multi_hot, normalization, augmentation)
+                        tsn_indices, train_val_rows, multi_hot, normalization, augmentation, TSN_SAMPLINGS,
+                        CLIP_AUGMENTATIONS, clip_augment_params, _check_clip_augment)
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'MANIFEST', 'RESIZE_METHODS', 'CacheError', 'StaleCacheError', 'cache_fingerprints', 'read_manifest',
-           'build_clip_cache', 'ClipCache', 'ClipCropFlip', 'ClipItems', 'LevelItems', 'CacheDataLoader',
+           'build_clip_cache', 'ClipCache', 'ClipCropFlip', 'ClipAugment', 'ClipItems', 'LevelItems', 'CacheDataLoader',
            'CachedDataLoaders', 'cached_clip_dataloaders', 'level_windows', 'build_level_cache', 'LevelCache',
            'cached_multilevel_dataloaders', 'loader_throughput']
 
@@ -237,6 +238,43 @@ class ClipCropFlip(Transform):
         out = F.grid_sample(flat, grid, mode='bilinear', padding_mode='border', align_corners=False)
         return TensorClip(out.view(B, T, C, H, W).to(x.dtype))
 
+# %% ../nbs/04a_cache.ipynb #2fe71ff6
+class ClipAugment(Transform):
+    "Training augmentation of an `emonb.data.CLIP_AUGMENTATIONS` preset on the device, on uint8 clips (B, T, C, H, W) before `ClipToFloat`: each clip's draw is `clip_augment_params` (Python's `random`, as `LoadClip`), applied by grid sampling (nearest for the rotation, bilinear for the crop) and rounded back to uint8."
+    order, split_idx = 5, 0
+    def __init__(self, preset: str = 'dfew', train_scale: float = 0.8):
+        self.preset, self.train_scale = _check_clip_augment(preset), train_scale
+    def encodes(self, x: TensorClip):
+        B, T, C, H, W = x.shape
+        if not CLIP_AUGMENTATIONS[self.preset]: return x
+        ps = [clip_augment_params(self.preset, W, H, W, random, self.train_scale) for _ in range(B)]
+        dev, y = x.device, x.reshape(B, T * C, H, W).float()
+        col = lambda k, f, d=0.: torch.tensor([f(p[k]) if k in p else d for p in ps], device=dev, dtype=torch.float32)
+        if 'brightness' in ps[0]:   # PIL's ImageEnhance.Brightness: v * f, truncated to 0..255
+            y = (y * col('brightness', float)[:, None, None, None]).floor().clamp(0, 255)
+        if 'rotate' in ps[0]:       # PIL's Image.rotate(angle): about the centre, counter-clockwise, nearest, black corners
+            a = col('rotate', math.radians)
+            theta = torch.zeros(B, 2, 3, device=dev)
+            theta[:, 0, 0], theta[:, 0, 1] = a.cos(), -a.sin() * H / W
+            theta[:, 1, 0], theta[:, 1, 1] = a.sin() * W / H, a.cos()
+            y = F.grid_sample(y, F.affine_grid(theta, (B, T * C, H, W), align_corners=False), mode='nearest', padding_mode='zeros', align_corners=False)
+        crop = next((k for k in ('sized_crop', 'scale_crop') if k in ps[0]), None)
+        if crop is not None or 'flip' in ps[0]:   # crop box (x0, y0, w, h) of the frame -> the whole output, then the flip
+            boxes = []
+            for p in ps:
+                if crop == 'sized_crop':
+                    (x0, y0, cw, ch), rescale = p[crop]
+                    if rescale is not None: sx, sy = W / rescale[0], H / rescale[1]; x0, y0, cw, ch = x0 * sx, y0 * sy, cw * sx, ch * sy
+                elif crop == 'scale_crop': x0, y0, cw, ch = p[crop]
+                else: x0, y0, cw, ch = 0, 0, W, H
+                boxes.append((x0, y0, cw, ch, -1. if p.get('flip') else 1.))
+            x0, y0, cw, ch, sign = torch.tensor(boxes, device=dev, dtype=torch.float32).unbind(1)
+            theta = torch.zeros(B, 2, 3, device=dev)
+            theta[:, 0, 0], theta[:, 0, 2] = sign * cw / W, (2 * x0 + cw) / W - 1
+            theta[:, 1, 1], theta[:, 1, 2] = ch / H, (2 * y0 + ch) / H - 1
+            y = F.grid_sample(y, F.affine_grid(theta, (B, T * C, H, W), align_corners=False), mode='bilinear', padding_mode='border', align_corners=False)
+        return TensorClip(y.round().clamp(0, 255).to(x.dtype).view(B, T, C, H, W))
+
 # %% ../nbs/04a_cache.ipynb #2e216422
 class _Items:
     "Samples of a cache for a DataLoader: uint8 arrays read from the memory-mapped arrays (opened lazily, once per worker process)."
@@ -256,12 +294,13 @@ class _Items:
 
 class ClipItems(_Items):
     "Clip i -> (uint8 frames (T, S, S, 3) chosen TSN-style, [label]); `train` draws one random frame per segment, otherwise the centres."
-    def __init__(self, folder, files, pos, y=None, vocab=None, n_inp=1, offsets=None, counts=None, t=16, train=False, pad='last', **kw):
+    def __init__(self, folder, files, pos, y=None, vocab=None, n_inp=1, offsets=None, counts=None, t=16, train=False, pad='last',
+                 sampling='even', **kw):
         super().__init__(folder, files, pos, y, vocab, n_inp)
-        self.offsets, self.counts, self.t, self.train, self.pad = offsets, counts, t, train, pad
+        self.offsets, self.counts, self.t, self.train, self.pad, self.sampling = offsets, counts, t, train, pad, sampling
     def __getitem__(self, i):
         p = self.pos[i]
-        idx = tsn_indices(int(self.counts[p]), self.t, train=self.train, pad=self.pad)
+        idx = tsn_indices(int(self.counts[p]), self.t, train=self.train, pad=self.pad, sampling=self.sampling)
         x = self.arrays()['frames'][self.offsets[p] + np.asarray(idx)]
         return (torch.from_numpy(x),) + self._label(i)
 
@@ -331,21 +370,25 @@ def _loaders_of(cache, tv, items, pipes, bs, num_workers, pin_memory, device, pe
     return CachedDataLoaders(*dls, path=path, device=device, cache=cache, labels=labels, multi_label=multi_label)
 
 def cached_clip_dataloaders(df: pd.DataFrame, cache, n_frames: int = 16, bs: int = 8, pad: str = 'last', normalize: str = 'clip',
-                            labels=None, num_workers: int = 0, pin_memory: bool = None, device=None, augment: bool = True,
-                            min_scale: float = 0.8, persistent_workers: bool = True, size: int = None, **kw) -> CachedDataLoaders:
-    "DataLoaders yielding (clips (B, T, C, S, S), y) like emonb.data.clip_dataloaders, read from a clip cache (a ClipCache or its folder)."
+                            labels=None, num_workers: int = 0, pin_memory: bool = None, device=None, augment=True,
+                            min_scale: float = 0.8, persistent_workers: bool = True, size: int = None, sampling: str = 'even', **kw) -> CachedDataLoaders:
+    "DataLoaders yielding (clips (B, T, C, S, S), y) like emonb.data.clip_dataloaders, read from a clip cache (a ClipCache or its folder); `augment`: True (emonb's crop and flip), False, or a `CLIP_AUGMENTATIONS` preset."
     cache = cache if isinstance(cache, ClipCache) else ClipCache(cache)
     if size is not None and size != cache.size: raise ValueError(f"the cache {cache.folder} holds {cache.size}px frames, not {size}px: build a cache of that size")
     if pad not in ('last', 'loop'): raise ValueError(f"pad must be 'last' or 'loop', got {pad!r}")
+    if sampling not in TSN_SAMPLINGS: raise ValueError(f"sampling must be one of {TSN_SAMPLINGS}, got {sampling!r}")
+    preset = {True: 'emonb', False: 'none'}[augment] if isinstance(augment, bool) else _check_clip_augment(augment)
+    aug = [] if preset == 'none' else [ClipCropFlip(min_scale)] if preset == 'emonb' else [ClipAugment(preset)]
     tv = train_val_rows(df)
     labels = label_set(labels or df.attrs.get('label_set'))
     stats = NORMALIZATION_PRESETS[normalize] if normalize in NORMALIZATION_PRESETS else None
     if normalize not in NORMALIZATION_PRESETS: normalization(normalize)   # the same error as clip_dataloaders
     to_float = ClipToFloat(stats)                                            # one instance, shared by every loader (and test_dl)
     kinds = _OnDevice(('clip', 'category'))
-    pipes = (Pipeline([kinds, to_float] + ([ClipCropFlip(min_scale)] if augment else []), split_idx=0), Pipeline([kinds, to_float], split_idx=1))
+    pipes = (Pipeline([kinds, to_float] + aug, split_idx=0), Pipeline([kinds, to_float], split_idx=1))
     items = lambda pos, y, train: ClipItems(cache.folder, ('frames',), pos, y, list(labels.names), 1, offsets=cache.index.offset.to_numpy(),
-                                            counts=cache.index['count'].to_numpy(), t=n_frames, train=train, pad=pad)
+                                            counts=cache.index['count'].to_numpy(), t=n_frames, train=train, pad=pad,
+                                            sampling=sampling)
     return _loaders_of(cache, tv, items, pipes, bs, num_workers, pin_memory, device, persistent_workers, labels, False, **kw)
 
 # %% ../nbs/04a_cache.ipynb #1333cae2

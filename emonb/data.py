@@ -20,13 +20,14 @@ from .core import LabelSet, label_set, emonb_home, atomic_write_text, atomic_wri
 # %% auto #0
 __all__ = ['SAMPLE_COLUMNS', 'SPLITS', 'IMAGE_EXTS', 'POLICIES', 'PROBLEM_COLUMNS', 'FER2013_SPLITS', 'FERPLUS_VOTES',
            'FERPLUS_FOLDERS', 'DFER_CLIP_SPLIT_FILES', 'CLIP_STATS', 'NORMALIZATION_PRESETS', 'AUGMENTATION_PRESETS',
-           'DataError', 'ProblemReport', 'problem_report', 'class_counts', 'read_class_folders', 'extract_archive',
-           'read_fer2013', 'read_fer2013_csv', 'read_caer_s', 'read_fedro', 'read_rafdb', 'class_balanced_weights',
-           'read_affectnet', 'ferplus_majority', 'read_ferplus', 'read_ckplus', 'read_emotic', 'multi_hot',
-           'read_split_file', 'read_dfer_clip_splits', 'read_dfew', 'read_afew', 'read_mafw', 'read_ferv39k',
-           'check_frames', 'load_image', 'check_images', 'split_validation', 'normalization', 'augmentation',
-           'train_val_rows', 'target_block', 'image_dataloaders', 'split_dataloader', 'parse_box', 'LevelCrop',
-           'multilevel_dataloaders', 'tsn_indices', 'TensorClip', 'LoadClip', 'ClipToFloat', 'LoadTrainClip',
+           'TSN_SAMPLINGS', 'CLIP_BRIGHTNESS', 'CLIP_ROTATION', 'CLIP_AUGMENTATIONS', 'DataError', 'ProblemReport',
+           'problem_report', 'class_counts', 'read_class_folders', 'extract_archive', 'read_fer2013',
+           'read_fer2013_csv', 'read_caer_s', 'read_fedro', 'read_rafdb', 'class_balanced_weights', 'read_affectnet',
+           'ferplus_majority', 'read_ferplus', 'read_ckplus', 'read_emotic', 'multi_hot', 'read_split_file',
+           'read_dfer_clip_splits', 'read_dfew', 'read_afew', 'read_mafw', 'read_ferv39k', 'check_frames', 'load_image',
+           'check_images', 'split_validation', 'normalization', 'augmentation', 'train_val_rows', 'target_block',
+           'image_dataloaders', 'split_dataloader', 'parse_box', 'LevelCrop', 'multilevel_dataloaders', 'tsn_indices',
+           'clip_augment_params', 'augment_clip', 'TensorClip', 'LoadClip', 'ClipToFloat', 'LoadTrainClip',
            'LoadEvalClip', 'clip_dataloaders', 'join_boxes']
 
 # %% ../nbs/02_data.ipynb #6afa31db
@@ -709,40 +710,107 @@ def multilevel_dataloaders(df: pd.DataFrame, size: int = 224, bs: int = 16, cont
     return block.dataloaders(tv, bs=bs, num_workers=num_workers, **kw)
 
 # %% ../nbs/02_data.ipynb #d09f3fa3
-def tsn_indices(n: int, t: int = 16, train: bool = False, pad: str = 'last', rng: random.Random = None) -> list:
-    "T frame indices of an N-frame clip: one random frame per segment (train) or segment centres (eval); short clips padded."
+TSN_SAMPLINGS = ('even', 'official')
+
+def tsn_indices(n: int, t: int = 16, train: bool = False, pad: str = 'last', rng=None, sampling: str = 'even') -> list:
+    "T frame indices of an N-frame clip: one random frame per segment (train) or segment centres (eval); short clips padded. `sampling`: 'even' segments, or 'official' (DFER-CLIP's code)."
     if n < 1: raise ValueError(f"a clip needs at least one frame, got n={n}")
     if pad not in ('last', 'loop'): raise ValueError(f"pad must be 'last' or 'loop', got {pad!r}")
+    if sampling not in TSN_SAMPLINGS: raise ValueError(f"sampling must be one of {TSN_SAMPLINGS}, got {sampling!r}")
     if n < t:
         idx = list(range(n))
         return idx + ([n - 1] * (t - n) if pad == 'last' else [i % n for i in range(n, t)])
+    if sampling == 'official':
+        if not train:
+            step = n / float(t)
+            return [int(step / 2.0 + step * i) for i in range(t)]
+        seg, rng = n // t, np.random if rng is None else rng          # segments of N // T frames from frame 0; numpy's generator
+        r = rng.integers(seg, size=t) if hasattr(rng, 'integers') else rng.randint(seg, size=t)
+        return [i * seg + int(r[i]) for i in range(t)]
     if not train: return [int((i + 0.5) * n / t) for i in range(t)]
     rng = rng or random
     starts = [int(i * n / t) for i in range(t + 1)]
     return [rng.randrange(starts[i], max(starts[i] + 1, starts[i + 1])) for i in range(t)]
 
+# %% ../nbs/02_data.ipynb #b78fc0a6
+import math
+from PIL import ImageEnhance
+
+CLIP_BRIGHTNESS, CLIP_ROTATION = 0.5, 4.    # DFER-CLIP's ColorJitter(brightness=0.5) and RandomRotation(4)
+CLIP_AUGMENTATIONS = {
+    'none': (),
+    'emonb': ('scale_crop', 'flip'),                           # one crop of 80-100 % of each side, a flip
+    'dfew': ('brightness', 'sized_crop', 'flip'),              # DFER-CLIP's code, per dataset (dataloader/video_dataloader.py)
+    'ferv39k': ('rotate', 'sized_crop', 'flip'),
+    'mafw': ('sized_crop', 'flip'),
+    'paper': ('brightness', 'rotate', 'sized_crop', 'flip'),   # the four the DFER-CLIP paper names, with the code's settings
+}
+
+def _check_clip_augment(preset: str) -> str:
+    if preset not in CLIP_AUGMENTATIONS: raise ValueError(f"clip augmentation must be one of {list(CLIP_AUGMENTATIONS)}, got {preset!r}")
+    return preset
+
+def _sized_crop_box(w: int, h: int, size: int, rng) -> tuple:
+    "DFER-CLIP's random-sized crop of a w x h frame: ((x0, y0, cw, ch), None), or after 10 misses ((x0, y0, size, size), (w', h')): shortest side resized to `size`, then a random square."
+    for _ in range(10):
+        target = rng.uniform(0.08, 1.0) * (w * h)
+        ratio = rng.uniform(3. / 4, 4. / 3)
+        cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+        if rng.random() < 0.5: cw, ch = ch, cw
+        if cw <= w and ch <= h: return (rng.randint(0, w - cw), rng.randint(0, h - ch), cw, ch), None
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return (rng.randint(0, nw - size), rng.randint(0, nh - size), size, size), (nw, nh)
+
+def clip_augment_params(preset: str, w: int, h: int, size: int, rng=None, train_scale: float = 0.8) -> dict:
+    "The random draws of one clip's training augmentation `preset` for w x h frames, in the order its steps run: brightness factor, rotation angle (degrees, counter-clockwise), crop, flip."
+    rng, p = rng or random, {}
+    for step in CLIP_AUGMENTATIONS[_check_clip_augment(preset)]:
+        if step == 'brightness': p[step] = rng.uniform(max(0., 1 - CLIP_BRIGHTNESS), 1 + CLIP_BRIGHTNESS)
+        elif step == 'rotate': p[step] = rng.uniform(-CLIP_ROTATION, CLIP_ROTATION)
+        elif step == 'sized_crop': p[step] = _sized_crop_box(w, h, size, rng)
+        elif step == 'scale_crop':
+            s = rng.uniform(train_scale, 1.0); cw, ch = int(w * s), int(h * s)
+            p[step] = (rng.randint(0, w - cw), rng.randint(0, h - ch), cw, ch)
+        elif step == 'flip': p[step] = rng.random() < 0.5
+    return p
+
+def augment_clip(ims: list, preset: str, size: int, rng=None, train_scale: float = 0.8, params: dict = None) -> list:
+    "The frames (PIL images) of one clip, augmented for training with `preset` (the same draw for every frame) and resized to size x size."
+    w, h = ims[0].size
+    p = params if params is not None else clip_augment_params(preset, w, h, size, rng, train_scale)
+    for step, v in p.items():
+        if step == 'brightness': ims = [ImageEnhance.Brightness(im).enhance(v) for im in ims]
+        elif step == 'rotate': ims = [im.rotate(v) for im in ims]                            # nearest, black corners, same size
+        elif step == 'sized_crop':
+            (x0, y0, cw, ch), rescale = v
+            if rescale is not None: ims = [im.resize(rescale, Image.BILINEAR) for im in ims]
+            ims = [im.crop((x0, y0, x0 + cw, y0 + ch)).resize((size, size), Image.BILINEAR) for im in ims]
+        elif step == 'scale_crop': x0, y0, cw, ch = v; ims = [im.crop((x0, y0, x0 + cw, y0 + ch)) for im in ims]
+        elif step == 'flip' and v: ims = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in ims]
+    return [im.resize((size, size), Image.BILINEAR) for im in ims]                         # (a copy when already that size)
+
+# %% ../nbs/02_data.ipynb #fae92625
 class TensorClip(TensorBase):
     "A clip of T frames, (T, C, H, W)."
 
 class LoadClip(Transform):
-    "A table row -> TensorClip of T frames sampled TSN-style (random per segment on the training set, centres otherwise)."
-    def __init__(self, n_frames: int = 16, size: int = 112, pad: str = 'last', train_scale: float = 0.8):
+    "A table row -> TensorClip of T frames sampled TSN-style (random per segment on the training set, centres otherwise), augmented for training with a `CLIP_AUGMENTATIONS` preset."
+    def __init__(self, n_frames: int = 16, size: int = 112, pad: str = 'last', train_scale: float = 0.8, augment: str = 'emonb',
+                 sampling: str = 'even'):
+        if sampling not in TSN_SAMPLINGS: raise ValueError(f"sampling must be one of {TSN_SAMPLINGS}, got {sampling!r}")
         self.t, self.size, self.pad, self.train_scale = n_frames, size, pad, train_scale
+        self.augment, self.sampling = _check_clip_augment(augment), sampling
     def encodes(self, row: pd.Series) -> TensorClip:
         folder = Path(row['path'])
         if not folder.is_dir(): raise FileNotFoundError(f"frame folder {folder} does not exist (check_frames reports these)")
         frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
         if not frames: raise FileNotFoundError(f"frame folder {folder} holds no frames")
         train = getattr(self, 'training', False)
-        idx = tsn_indices(len(frames), self.t, train=train, pad=self.pad)
+        idx = tsn_indices(len(frames), self.t, train=train, pad=self.pad, sampling=self.sampling)
         ims = [load_image(frames[i]) for i in idx]
-        w, h = ims[0].size
-        if train:   # one random crop and flip for the whole clip, so motion is preserved
-            s = random.uniform(self.train_scale, 1.0); cw, ch = int(w * s), int(h * s)
-            x0, y0 = random.randint(0, w - cw), random.randint(0, h - ch); flip = random.random() < 0.5
-            ims = [im.crop((x0, y0, x0 + cw, y0 + ch)) for im in ims]
-            if flip: ims = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in ims]
-        arr = np.stack([np.asarray(im.resize((self.size, self.size), Image.BILINEAR)) for im in ims])
+        if train: ims = augment_clip(ims, self.augment, self.size, train_scale=self.train_scale)   # one draw for the whole clip
+        else: ims = [im.resize((self.size, self.size), Image.BILINEAR) for im in ims]
+        arr = np.stack([np.asarray(im) for im in ims])
         return TensorClip(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous())
 
 class ClipToFloat(Transform):
@@ -763,11 +831,12 @@ class LoadEvalClip(LoadClip):
     split_idx, training = 1, False
 
 def clip_dataloaders(df: pd.DataFrame, n_frames: int = 16, size: int = 112, bs: int = 8, pad: str = 'last',
-                     normalize: str = 'clip', labels=None, num_workers: int = 0, **kw):
-    "fastai DataLoaders yielding (clips (B, T, C, H, W), y) from a table of frame folders, TSN-sampled."
+                     normalize: str = 'clip', labels=None, num_workers: int = 0, augment: str = 'emonb', sampling: str = 'even', **kw):
+    "fastai DataLoaders yielding (clips (B, T, C, H, W), y) from a table of frame folders, TSN-sampled (`sampling`), training clips augmented with the preset `augment`."
     tv = train_val_rows(df)
     yb, get_y = target_block(df, labels, False)
-    clip_block = TransformBlock(type_tfms=[LoadTrainClip(n_frames, size, pad), LoadEvalClip(n_frames, size, pad)],
+    args = dict(n_frames=n_frames, size=size, pad=pad, augment=augment, sampling=sampling)
+    clip_block = TransformBlock(type_tfms=[LoadTrainClip(**args), LoadEvalClip(**args)],
                                 batch_tfms=ClipToFloat(NORMALIZATION_PRESETS[normalize] if normalize in NORMALIZATION_PRESETS
                                                        else normalization(normalize)))
     block = DataBlock(blocks=(clip_block, yb), get_y=get_y, splitter=ColSplitter('is_valid'))
