@@ -6,13 +6,13 @@
 from __future__ import annotations
 from dataclasses import asdict, replace
 from pathlib import Path
-import hashlib, json, re
+import hashlib, io, json, re
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import label_set, war, uar, atomic_write_bytes, prepare_output_dir, atomic_write_json
+from .core import label_set, war, uar, atomic_write_bytes, prepare_output_dir, atomic_write_json, VARIANTS, check_variant
 from .synth import SyntheticWorld, Scene, describe_face, compose_caption
 from .prompts import expclip_prompts, EXPCLIP_INSTRUCTIONS
 from .encoders import ClipEncoder, HFTextEncoder, FeatureCache, weights_fingerprint, default_device
@@ -20,12 +20,38 @@ from .losses import symmetric_infonce, l2_alignment
 from .learner import TrainConfig, make_learner, fit
 
 # %% auto #0
-__all__ = ['EXPCLIP_RECIPE', 'PROMPT_KINDS', 'ExpCLIPProjection', 'ExpCLIPLoss', 'Teacher', 'FunctionTeacher', 'teacher_targets',
-           'BLIP2FlanT5Teacher', 'world_fingerprint', 'DescriptionTeacher', 'clip_id', 'clip_image_features',
-           'world_image_features', 'projection_dataloaders', 'train_projection', 'retrieval_accuracy',
-           'class_text_features', 'zero_shot_logits', 'ExpCLIP', 'zero_shot_table', 'world_experiment',
-           'accuracy_difference', 'save_projection', 'load_projection', 'clip_video_features', 'fit_expclip',
-           'evaluate_expclip']
+__all__ = ['EXPCLIP_OPTIONS', 'EXPCLIP_RECIPE', 'PROMPT_KINDS', 'expclip_options', 'ExpCLIPProjection', 'ExpCLIPLoss',
+           'SquashResize', 'read_rgb', 'expclip_transform', 'expclip_frame_indices', 'Teacher', 'FunctionTeacher',
+           'teacher_targets', 'BLIP2FlanT5Teacher', 'world_fingerprint', 'DescriptionTeacher', 'clip_id',
+           'clip_image_features', 'world_image_features', 'expclip_config', 'expclip_scale', 'projection_dataloaders',
+           'train_projection', 'epoch_losses', 'retrieval_accuracy', 'class_text_features', 'zero_shot_logits',
+           'ExpCLIP', 'zero_shot_table', 'expclip_text_features', 'world_experiment', 'accuracy_difference',
+           'save_projection', 'load_projection', 'clip_video_features', 'fit_expclip', 'evaluate_expclip']
+
+# %% ../nbs/12_expclip.ipynb #df96582a
+EXPCLIP_OPTIONS = {   # what each variant picks (the table above); explicit keyword arguments override
+    'official': dict(inputs='squash', pixels='squash', frames='official', loss='infonce', scale='clip', prompts='official', valid_pct=0.),
+    'paper':    dict(inputs='squash', pixels='squash', frames='official', loss='l2', scale='clip', prompts='paper', valid_pct=0.),
+    'emonb':    dict(inputs='clip', pixels='processor', frames='tsn', loss='infonce', scale=100., prompts='paper', valid_pct=0.1),
+}
+_OPTION_CHOICES = dict(inputs=('squash', 'clip'), pixels=('squash', 'processor'), frames=('official', 'tsn'),
+                       loss=('infonce', 'l2'), prompts=('official', 'paper'))
+
+def expclip_options(variant: str = 'official', **overrides) -> dict:
+    "The options of an Exp-CLIP variant ('official', 'paper' or 'emonb'), with explicit `overrides` (None keeps the variant's choice)."
+    check_variant(variant, 'Exp-CLIP')
+    out = dict(EXPCLIP_OPTIONS[variant])
+    for k, v in overrides.items():
+        if k not in out: raise ValueError(f"Exp-CLIP has no option {k!r}: one of {', '.join(out)}")
+        if v is None: continue
+        if k in _OPTION_CHOICES and v not in _OPTION_CHOICES[k]:
+            raise ValueError(f"Exp-CLIP option {k} must be one of {_OPTION_CHOICES[k]}, got {v!r}")
+        if k == 'scale' and v != 'clip' and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise ValueError(f"Exp-CLIP option scale must be 'clip' (the CLIP's own logit scale) or a positive number, got {v!r}")
+        if k == 'valid_pct' and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1):
+            raise ValueError(f"Exp-CLIP option valid_pct must be in [0, 1), got {v!r}")
+        out[k] = v
+    return dict(variant=variant, **out)
 
 # %% ../nbs/12_expclip.ipynb #eb9a31aa
 class ExpCLIPProjection(nn.Module):
@@ -63,6 +89,51 @@ class ExpCLIPLoss(nn.Module):
         teacher = teacher.to(projected.dtype)
         if self.kind == 'l2': return l2_alignment(projected, teacher)
         return symmetric_infonce(projected, teacher, self.scale)
+
+# %% ../nbs/12_expclip.ipynb #30a6aa08
+class SquashResize:
+    "Exp-CLIP's official input: a PIL image resized to size x size with PIL's bilinear filter (no crop, aspect ratio not kept) as a float tensor (3, size, size) in [0, 1], not normalised."
+    def __init__(self, size: int = 224):
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1: raise ValueError(f"size must be a positive integer, got {size!r}")
+        self.size = int(size)
+    def __call__(self, image) -> torch.Tensor:
+        from PIL import Image
+        if not isinstance(image, Image.Image): raise TypeError(f"SquashResize reads PIL images, got {type(image).__name__}")
+        pixels = np.array(image.convert('RGB').resize((self.size, self.size), Image.Resampling.BILINEAR), dtype=np.uint8)
+        return torch.from_numpy(pixels).permute(2, 0, 1).float().div(255.)
+    def __repr__(self): return f"SquashResize({self.size})"
+
+def read_rgb(path):
+    "An image file as the official loaders read it: PIL's `convert('RGB')`."
+    from PIL import Image
+    if not Path(path).is_file(): raise FileNotFoundError(f"image file {path} does not exist")
+    with Image.open(path) as im: return im.convert('RGB')
+
+def expclip_transform(clip: ClipEncoder, variant: str = 'official', inputs: str = None):
+    "PIL image -> CLIP input of a variant: 'squash' (official, paper: `SquashResize(clip.image_size)`) or 'clip' (emonb: the CLIP's own preprocess)."
+    o = expclip_options(variant, inputs=inputs)
+    if o['inputs'] == 'squash': return SquashResize(clip.image_size)
+    if clip.preprocess is None: raise ValueError(f"CLIP {clip.name!r} has no preprocess transform: use inputs='squash' or give the ClipEncoder one")
+    return clip.preprocess
+
+def _reader(transform):
+    "How files are opened for `transform`: as the official loaders do for the squash input, with emonb's `load_image` otherwise."
+    from emonb.data import load_image
+    return read_rgb if isinstance(transform, SquashResize) else load_image
+
+def _transform_id(transform) -> str:
+    "Cache identity of an input transform (its repr, whitespace folded)."
+    return re.sub(r'\s+', ' ', repr(transform))
+
+def expclip_frame_indices(n: int, t: int = 16, variant: str = 'official', frames: str = None) -> list:
+    "The T frame indices an evaluation reads from an N-frame clip: official — segment centres if N > T, else frame 0 T times; 'tsn' — emonb's `tsn_indices`."
+    from emonb.data import tsn_indices
+    o = expclip_options(variant, frames=frames)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1: raise ValueError(f"a clip needs at least one frame, got n={n!r}")
+    if o['frames'] == 'tsn': return tsn_indices(int(n), t)
+    if n <= t: return [0] * t
+    tick = n / t
+    return [int(tick / 2 + tick * i) for i in range(t)]
 
 # %% ../nbs/12_expclip.ipynb #e123985c
 class Teacher:
@@ -114,15 +185,16 @@ def _folder_fingerprint(path: Path) -> str:
         else: st = f.stat(); h.update(f"{st.st_size}:{int(st.st_mtime)}".encode())
     return h.hexdigest()[:16]
 
-def _image_list(images) -> list:
+def _image_list(images, read=None) -> list:
     from emonb.data import load_image
     from PIL import Image
+    read = read or load_image
     out = []
     for im in images:
         if isinstance(im, Image.Image): out.append(im.convert('RGB'))
         elif isinstance(im, (str, Path)):
             if not Path(im).is_file(): raise FileNotFoundError(f"image file {im} does not exist")
-            out.append(load_image(im))
+            out.append(read(im))
         else: raise TypeError(f"an image must be a file path or a PIL image, got {type(im).__name__}")
     return out
 
@@ -130,7 +202,8 @@ class BLIP2FlanT5Teacher(Teacher):
     "Exp-CLIP's teacher: BLIP-2 image tokens + the tokenised instruction through the Flan-T5 encoder; mean over tokens, L2-normalised."
     name = 'blip2-flant5-encoder'
     def __init__(self, path=None, instruction: str = EXPCLIP_INSTRUCTIONS[0], device=None, dtype=None,
-                 model=None, tokenizer=None, image_processor=None):
+                 model=None, tokenizer=None, image_processor=None, variant: str = 'official', pixels: str = None):
+        self.variant, self.pixels = variant, expclip_options(variant, pixels=pixels)['pixels']
         if model is None:
             if path is None: raise ValueError("give the folder of a BLIP-2 Flan-T5 checkpoint (e.g. Salesforce/blip2-flan-t5-xxl), or model=, tokenizer=, image_processor=")
             p = Path(path).expanduser()
@@ -143,7 +216,8 @@ class BLIP2FlanT5Teacher(Teacher):
             image_processor = AutoImageProcessor.from_pretrained(p, local_files_only=True)
             self._fp = _folder_fingerprint(p)
         else:
-            if tokenizer is None or image_processor is None: raise ValueError("with model=, give tokenizer= and image_processor= too")
+            if tokenizer is None: raise ValueError("with model=, give tokenizer= too")
+            if image_processor is None and self.pixels == 'processor': raise ValueError("pixels='processor' needs image_processor=")
             self._fp = weights_fingerprint(model)
         if getattr(model.config, 'use_decoder_only_language_model', False):
             raise ValueError(f"Exp-CLIP's teacher needs an encoder-decoder (Flan-T5) BLIP-2; {path or 'this model'} has a decoder-only language model")
@@ -151,16 +225,21 @@ class BLIP2FlanT5Teacher(Teacher):
         self.model = model.eval().requires_grad_(False).to(device or default_device())
         self.tokenizer, self.image_processor, self.instruction = tokenizer, image_processor, instruction
         self.dim = int(model.config.text_config.d_model if hasattr(model.config.text_config, 'd_model') else model.config.text_config.hidden_size)
+        self.image_size = int(model.config.vision_config.image_size)
         self.path = str(path) if path is not None else None
 
     def fingerprint(self) -> str:
-        return f"{self._fp}:{hashlib.sha256(self.instruction.encode()).hexdigest()[:8]}:{str(self.model.dtype).replace('torch.', '')}"
+        return (f"{self._fp}:{hashlib.sha256(self.instruction.encode()).hexdigest()[:8]}:{str(self.model.dtype).replace('torch.', '')}"
+                f":{self.pixels}")
 
     @property
     def device(self): return next(self.model.parameters()).device
 
     def pixel_values(self, images) -> torch.Tensor:
-        "The image processor's tensor (B, 3, H, W) of image files / PIL images."
+        "The vision model's input (B, 3, H, W) of image files / PIL images: squashed to its input size in [0, 1] (official), or the image processor's."
+        if self.pixels == 'squash':
+            squash = SquashResize(self.image_size)
+            return torch.stack([squash(im) for im in _image_list(images, read_rgb)])
         return self.image_processor(images=_image_list(images), return_tensors='pt')['pixel_values']
 
     def instruction_tokens(self, batch_size: int) -> tuple:
@@ -249,20 +328,25 @@ def clip_id(clip: ClipEncoder) -> str:
 def _encode_images(clip):
     return lambda x: clip.encode_image(x, normalize=False)
 
-def clip_image_features(clip: ClipEncoder, paths, cache: FeatureCache = None, batch_size: int = 128, progress: bool = False) -> np.ndarray:
-    "Un-normalised CLIP embeddings (n, D) of image files, through `clip.preprocess`, cached."
-    from emonb.data import load_image
-    paths = [str(p) for p in paths]
-    load = lambda ps: torch.stack([clip.preprocess(load_image(p)) for p in ps])
+def _input_transform(clip, variant, transform):
+    check_variant(variant, 'Exp-CLIP')
+    return transform if transform is not None else expclip_transform(clip, variant)
+
+def clip_image_features(clip: ClipEncoder, paths, cache: FeatureCache = None, batch_size: int = 128, progress: bool = False,
+                        variant: str = 'official', transform=None) -> np.ndarray:
+    "Un-normalised CLIP embeddings (n, D) of image files through the variant's input transform (or `transform`), cached."
+    paths, transform = [str(p) for p in paths], _input_transform(clip, variant, transform)
+    read = _reader(transform)
+    load = lambda ps: torch.stack([transform(read(p)) for p in ps])
     cache = cache if cache is not None else FeatureCache()
-    return cache.get(paths, _encode_images(clip), clip_id(clip), f"files:{clip.image_size}", load=load, batch_size=batch_size,
+    return cache.get(paths, _encode_images(clip), clip_id(clip), f"files:{_transform_id(transform)}", load=load, batch_size=batch_size,
                      device=clip.device, progress=progress)
 
 def world_image_features(clip: ClipEncoder, world: SyntheticWorld, scenes, n_frames: int = None, cache: FeatureCache = None,
-                         size: int = None, batch_size: int = 128) -> np.ndarray:
+                         size: int = None, batch_size: int = 128, variant: str = 'official', transform=None) -> np.ndarray:
     "Un-normalised CLIP embeddings of the world's face crops (n, D), or of `n_frames`-frame face clips (n, T, D); cached."
     scenes, size = list(scenes), size or clip.image_size
-    pre = clip.preprocess
+    pre = _input_transform(clip, variant, transform)
     if n_frames is None:
         load = lambda ss: torch.stack([pre(world.render_face(s, size)) for s in ss])
         encode = _encode_images(clip)
@@ -270,37 +354,66 @@ def world_image_features(clip: ClipEncoder, world: SyntheticWorld, scenes, n_fra
         load = lambda ss: torch.stack([torch.stack([pre(f) for f in world.render_clip(s, n_frames, size=size)]) for s in ss])
         encode = lambda x: clip.encode_clip(x, normalize=False).flatten(1)
     cache = cache if cache is not None else FeatureCache()
-    tid = f"world:{world_fingerprint(world)}:face{size}" + (f":clip{n_frames}" if n_frames else '')
+    tid = f"world:{world_fingerprint(world)}:face{size}" + (f":clip{n_frames}" if n_frames else '') + f":{_transform_id(pre)}"
     f = cache.get(scenes, encode, clip_id(clip), tid, load=load, batch_size=batch_size, device=clip.device)
     return f if n_frames is None else np.asarray(f).reshape(len(scenes), n_frames, -1)
 
 # %% ../nbs/12_expclip.ipynb #268c06e4
-EXPCLIP_RECIPE = TrainConfig(epochs=5, lr=1e-3, opt='sgd', momentum=0.9, wd=1e-4, schedule='constant', checkpoint=False)
+def expclip_config(variant: str = 'official', **overrides) -> TrainConfig:
+    "Exp-CLIP's recipe for P under `variant`, with `TrainConfig` fields in `overrides`."
+    check_variant(variant, 'Exp-CLIP')
+    base = dict(epochs=5, lr=1e-3, opt='sgd', momentum=0.9, wd=1e-4, checkpoint=False)
+    if variant == 'emonb': base.update(schedule='constant', precision='auto')
+    else: base.update(schedule='multistep', milestones=(30,), gamma=0.1, precision='fp32')
+    bad = sorted(set(overrides) - set(TrainConfig.__dataclass_fields__))
+    if bad: raise ValueError(f"{', '.join(bad)}: not TrainConfig field(s)")
+    return TrainConfig(**{**base, **overrides})
 
-def projection_dataloaders(e_I, e_G, bs: int = 512, valid_pct: float = 0.1, seed: int = 0, device=None):
-    "fastai DataLoaders of (e_I, e_G) pairs; a random `valid_pct` of the pairs is held out (no labels involved)."
+EXPCLIP_RECIPE = expclip_config('official')
+
+def expclip_scale(clip: ClipEncoder, variant: str = 'official', scale=None) -> float:
+    "The logit scale 1/τ of a variant: the CLIP's own `logit_scale.exp()` (official, paper; 100 for OpenAI's CLIPs) or a number (emonb: 100)."
+    s = expclip_options(variant, scale=scale)['scale']
+    if s != 'clip': return float(s)
+    ls = getattr(clip.model, 'logit_scale', None) if clip is not None else None
+    if ls is None: raise ValueError(f"scale='clip' needs a CLIP with a logit_scale; {getattr(clip, 'name', clip)!r} has none: pass scale= (a number)")
+    return float(torch.as_tensor(ls).detach().float().exp())
+
+def projection_dataloaders(e_I, e_G, bs: int = 512, valid_pct: float = 0., seed: int = 0, device=None):
+    "fastai DataLoaders of (e_I, e_G) pairs; a random `valid_pct` of the pairs is held out (none when 0; no labels involved)."
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
     x, g = (torch.tensor(np.asarray(e), dtype=torch.float32) for e in (e_I, e_G))   # copies of the (read-only) cached arrays
     if len(x) != len(g): raise ValueError(f"{len(x)} CLIP embeddings but {len(g)} teacher targets: they must pair up")
-    if not 0 < valid_pct < 1: raise ValueError(f"valid_pct must be in (0, 1), got {valid_pct}")
-    idx = np.random.default_rng(seed).permutation(len(x)); n_val = max(1, int(round(valid_pct * len(x))))
+    if not 0 <= valid_pct < 1: raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
+    idx = np.random.default_rng(seed).permutation(len(x)); n_val = max(1, int(round(valid_pct * len(x)))) if valid_pct > 0 else 0
     va, tr = idx[:n_val], idx[n_val:]
     if len(tr) < bs: raise ValueError(f"{len(tr)} training pairs is fewer than one batch of {bs}: lower bs")
     train = DataLoader(list(zip(x[tr], g[tr])), bs=bs, shuffle=True, drop_last=True)
-    valid = DataLoader(list(zip(x[va], g[va])), bs=min(bs, n_val))
+    valid = DataLoader(list(zip(x[va], g[va])), bs=max(1, min(bs, n_val)))
     return DataLoaders(train, valid, device=device or default_device())
 
-def train_projection(e_I, e_G, config: TrainConfig = None, bs: int = 512, loss: str = 'infonce', scale: float = 100.,
-                     valid_pct: float = 0.1, bias: bool = False, path='.', device=None, cbs=None):
-    "Learn Exp-CLIP's projection from cached CLIP embeddings `e_I` to cached teacher targets `e_G`; returns the fastai Learner."
-    config = config or EXPCLIP_RECIPE
-    dls = projection_dataloaders(e_I, e_G, bs, valid_pct, config.seed, device)
+def train_projection(e_I, e_G, config: TrainConfig = None, bs: int = 512, loss: str = None, scale: float = None,
+                     valid_pct: float = None, bias: bool = False, path='.', device=None, cbs=None, variant: str = 'official'):
+    "Learn Exp-CLIP's projection from cached CLIP embeddings `e_I` to cached teacher targets `e_G` with `variant`'s loss, scale and held-out part; returns the fastai Learner."
+    o = expclip_options(variant, loss=loss, scale=scale, valid_pct=valid_pct)
+    config = config or expclip_config(variant)
+    s = 100. if o['scale'] == 'clip' else float(o['scale'])
+    if config.checkpoint and config.monitor == 'valid_loss' and o['valid_pct'] == 0:
+        raise ValueError(f"config.checkpoint selects on valid_loss, but variant {variant!r} holds no pairs out (valid_pct=0): "
+                         f"pass valid_pct > 0 or a config with monitor='train_loss'")
+    dls = projection_dataloaders(e_I, e_G, bs, o['valid_pct'], config.seed, device)
     torch.manual_seed(config.seed)
     model = ExpCLIPProjection(np.shape(e_I)[1], np.shape(e_G)[1], bias=bias)
-    learn = make_learner(dls, model, ExpCLIPLoss(loss, scale), config, path=path, cbs=cbs)
+    learn = make_learner(dls, model, ExpCLIPLoss(o['loss'], s), config, path=path, cbs=cbs)
+    learn.expclip = dict(variant=variant, loss=o['loss'], scale=s, valid_pct=float(o['valid_pct']), bs=bs)
     fit(learn, config, quiet=True)
     return learn
+
+def epoch_losses(learn) -> dict:
+    "Per-epoch training and held-out losses of a projection Learner (held-out: None when no pair was held out)."
+    vals = learn.recorder.values
+    return dict(train_loss=[float(v[0]) for v in vals], valid_loss=[None if v[1] is None else float(v[1]) for v in vals])
 
 # %% ../nbs/12_expclip.ipynb #1fbfd653
 @torch.no_grad()
@@ -337,58 +450,67 @@ def zero_shot_logits(image_features, text_features, projection: ExpCLIPProjectio
 
 # %% ../nbs/12_expclip.ipynb #5e483108
 class ExpCLIP(nn.Module):
-    "A frozen CLIP with Exp-CLIP's projection on both sides, for zero-shot prediction of images and clips."
-    def __init__(self, clip: ClipEncoder, projection: ExpCLIPProjection = None, scale: float = 100.):
+    "A frozen CLIP with Exp-CLIP's projection on both sides, for zero-shot prediction of images and clips (`transform`: the variant's input)."
+    def __init__(self, clip: ClipEncoder, projection: ExpCLIPProjection = None, scale: float = None, variant: str = 'official'):
         super().__init__()
         if projection is not None and projection.clip_dim != clip.embed_dim:
             raise ValueError(f"the projection maps {projection.clip_dim}-d embeddings but {clip.name} gives {clip.embed_dim}-d ones")
-        self.clip, self.projection, self.scale = clip.freeze(), projection, scale
+        self.clip, self.projection, self.variant = clip.freeze(), projection, variant
+        self.scale, self.transform = expclip_scale(clip, variant, scale), expclip_transform(clip, variant)
 
     def text_features(self, texts) -> torch.Tensor: return class_text_features(self.clip, texts)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        "(B, K) logits of images (B, C, H, W) or clips (B, T, C, H, W) against class text features (K, [M,] D)."
+        "(B, K) logits of images (B, C, H, W) or clips (B, T, C, H, W) (made by `self.transform`) against class text features (K, [M,] D)."
         e = self.clip.encode_clip(images, normalize=False) if images.ndim == 5 else self.clip.encode_image(images, normalize=False)
         return zero_shot_logits(e, text_features, self.projection, self.scale)
 
 PROMPT_KINDS = ('name', 'expression', 'photo', 'ensemble5', 'ensemble10')
 
-def zero_shot_table(image_features, targets, text_features: dict, projections: dict) -> pd.DataFrame:
+def zero_shot_table(image_features, targets, text_features: dict, projections: dict, scale: float = 100.) -> pd.DataFrame:
     "WAR and UAR of every prompt kind (rows) for every model (columns: `projections` name -> projection or None for plain CLIP)."
     y = np.asarray(targets); k = next(iter(text_features.values())).shape[0]
     rows = []
     for kind, tf in text_features.items():
         row = {'prompts': kind}
         for name, p in projections.items():
-            pred = zero_shot_logits(image_features, tf, p).argmax(1).numpy()
+            pred = zero_shot_logits(image_features, tf, p, scale).argmax(1).numpy()
             row[f'{name} WAR'], row[f'{name} UAR'] = war(y, pred), uar(y, pred, k)
         rows.append(row)
     return pd.DataFrame(rows).set_index('prompts')
 
+def expclip_text_features(clip: ClipEncoder, labels, kinds=PROMPT_KINDS, variant: str = 'official', prompts: str = None) -> dict:
+    "{prompt kind: (K, M, D) text features} of a variant's prompts: the official code's ensembles, or the paper's appendix-A templates."
+    o = expclip_options(variant, prompts=prompts)
+    ps = expclip_prompts(labels, official=o['prompts'] == 'official')
+    return {k: class_text_features(clip, ps[k]) for k in kinds}
+
 # %% ../nbs/12_expclip.ipynb #5b3f1424
 def world_experiment(clip: ClipEncoder, world: SyntheticWorld, teacher: Teacher, n_unlabelled: int = 2100, n_test: int = 700,
-                     n_test_clips: int = 0, n_frames: int = 8, config: TrainConfig = None, bs: int = 128, loss: str = 'infonce',
-                     cache: FeatureCache = None, kinds=PROMPT_KINDS, path='.') -> dict:
-    "Exp-CLIP end to end in the synthetic world: cached features, label-free training of P, zero-shot tables with and without P."
+                     n_test_clips: int = 0, n_frames: int = 8, config: TrainConfig = None, bs: int = 128, loss: str = None,
+                     cache: FeatureCache = None, kinds=PROMPT_KINDS, path='.', variant: str = 'official', **options) -> dict:
+    "Exp-CLIP end to end in the synthetic world under `variant` (`options`: inputs, scale, prompts, valid_pct): cached features, label-free training of P, zero-shot tables with and without P."
+    o = expclip_options(variant, loss=loss, **options)
     cache = cache if cache is not None else FeatureCache()
+    pre, scale = expclip_transform(clip, variant, o['inputs']), expclip_scale(clip, variant, o['scale'])
     train_scenes, test_scenes = world.scenes(n_unlabelled, 'train'), world.scenes(n_test, 'test')
-    e_I = world_image_features(clip, world, train_scenes, cache=cache)
+    e_I = world_image_features(clip, world, train_scenes, cache=cache, transform=pre)
     e_G = teacher_targets(teacher, train_scenes, cache)
-    learn = train_projection(e_I, e_G, config, bs=bs, loss=loss, path=path, device=clip.device)
+    learn = train_projection(e_I, e_G, config or expclip_config(variant), bs=bs, loss=o['loss'], scale=scale, valid_pct=o['valid_pct'],
+                             path=path, device=clip.device, variant=variant)
     proj = learn.model.eval()
     names = world.classes
-    prompts = expclip_prompts(names)
-    tf = {k: class_text_features(clip, prompts[k]) for k in kinds}
+    tf = expclip_text_features(clip, names, kinds, variant, o['prompts'])
     y = np.array([names.index(s.label) for s in test_scenes])
-    faces = world_image_features(clip, world, test_scenes, cache=cache)
+    faces = world_image_features(clip, world, test_scenes, cache=cache, transform=pre)
     out = dict(projection=proj, learn=learn, text_features=tf, e_I=e_I, e_G=e_G, test_features=faces, test_targets=y,
-               images=zero_shot_table(faces, y, tf, {'CLIP': None, 'Exp-CLIP': proj}))
+               options=dict(o, scale=scale), images=zero_shot_table(faces, y, tf, {'CLIP': None, 'Exp-CLIP': proj}, scale))
     if n_test_clips:
         clip_scenes = world.scenes(n_test_clips, 'test_clips')
-        clips = world_image_features(clip, world, clip_scenes, n_frames=n_frames, cache=cache)
+        clips = world_image_features(clip, world, clip_scenes, n_frames=n_frames, cache=cache, transform=pre)
         yc = np.array([names.index(s.label) for s in clip_scenes])
-        out.update(clip_features=clips, clip_targets=yc, videos=zero_shot_table(clips, yc, tf, {'CLIP': None, 'Exp-CLIP': proj}))
+        out.update(clip_features=clips, clip_targets=yc, videos=zero_shot_table(clips, yc, tf, {'CLIP': None, 'Exp-CLIP': proj}, scale))
     return out
 
 # %% ../nbs/12_expclip.ipynb #72782fa2
@@ -401,77 +523,127 @@ def accuracy_difference(targets, pred_a, pred_b, n_boot: int = 2000, seed: int =
     return dict(difference=float(d.mean()), low=float(np.quantile(boots, 0.025)), high=float(np.quantile(boots, 0.975)))
 
 # %% ../nbs/12_expclip.ipynb #86e465f5
-def save_projection(projection: ExpCLIPProjection, path, meta: dict = None) -> Path:
-    "Write P to a safetensors file (atomically), `meta` as JSON in its metadata."
-    from safetensors.torch import save
-    sd = {k: v.detach().cpu().contiguous() for k, v in projection.state_dict().items()}
-    return atomic_write_bytes(Path(path), save(sd, metadata={'emonb': json.dumps(meta or {}, default=str)}))
+_PTH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
 
-def load_projection(path, device='cpu') -> tuple:
-    "(ExpCLIPProjection, metadata dict) from a file written by `save_projection`."
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+def save_projection(projection: ExpCLIPProjection, path, meta: dict = None) -> Path:
+    "Write P (atomically): a safetensors file with `meta` as JSON in its metadata, or, for a .pth/.pt path, the official code's format {'mlp.weight': W} (no metadata)."
+    path = Path(path)
+    sd = {k: v.detach().cpu().contiguous() for k, v in projection.state_dict().items()}
+    if path.suffix in _PTH_SUFFIXES:
+        if 'proj.bias' in sd: raise ValueError(f"{path}: the official format holds only mlp.weight; this projection has a bias (save it as .safetensors)")
+        buf = io.BytesIO(); torch.save({'mlp.weight': sd['proj.weight']}, buf)
+        return atomic_write_bytes(path, buf.getvalue())
+    from safetensors.torch import save
+    return atomic_write_bytes(path, save(sd, metadata={'emonb': json.dumps(meta or {}, default=str)}))
+
+def _read_state(path: Path) -> tuple:
+    "(state dict, emonb metadata or None) of a safetensors file or a torch state-dict file."
+    if path.suffix == '.safetensors':
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), 'pt') as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get('emonb', '{}'))
+        except Exception as e: raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    try: sd = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} could not be read as a PyTorch state dict (torch.load with weights_only=True): {e}") from e
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{path} holds a {type(sd).__name__}{' with non-tensor values' if isinstance(sd, dict) else ''}, not a state dict "
+                         f"of tensors (the official code saves projection_head.state_dict())")
+    return sd, None
+
+def load_projection(path, device='cpu', clip_dim: int = None) -> tuple:
+    "(ExpCLIPProjection, metadata dict) from a file of `save_projection` (safetensors) or of the official code (`.pth` with `mlp.weight`)."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"projection file {path} does not exist")
-    sd = load_file(str(path))
-    if 'proj.weight' not in sd: raise ValueError(f"{path} is not an Exp-CLIP projection (no proj.weight)")
-    with safe_open(str(path), 'pt') as f: meta = json.loads((f.metadata() or {}).get('emonb', '{}'))
-    out_dim, in_dim = sd['proj.weight'].shape
-    p = ExpCLIPProjection(in_dim, out_dim, bias='proj.bias' in sd)
-    p.load_state_dict(sd)
+    sd, meta = _read_state(path)
+    found = [k for k in sd if k == 'proj.weight' or 'mlp.weight' in k]
+    if not found:
+        raise ValueError(f"{path} is not an Exp-CLIP projection: no 'mlp.weight' (the official code's projection_head.state_dict()) "
+                         f"or 'proj.weight' (emonb) tensor among its keys {list(sd)[:8]}")
+    if len(found) > 1: raise ValueError(f"{path} holds several projection matrices ({', '.join(found)}): give a file with one")
+    key = found[0]; w = sd[key]
+    if w.ndim != 2 or not w.is_floating_point():
+        raise ValueError(f"{path}: {key} has shape {tuple(w.shape)} and dtype {w.dtype}; a projection is a float matrix (teacher_dim, clip_dim), "
+                         f"the weight of nn.Linear(clip_dim, teacher_dim, bias=False)")
+    out_dim, in_dim = w.shape
+    if clip_dim is not None and in_dim != clip_dim:
+        hint = ("; it looks transposed: nn.Linear(clip_dim, teacher_dim).weight is (teacher_dim, clip_dim)" if out_dim == clip_dim else '')
+        raise ValueError(f"{path}: {key} of shape {tuple(w.shape)} maps {in_dim}-d CLIP embeddings, but the CLIP gives {clip_dim}-d ones{hint}")
+    bias_key = key[:-len('weight')] + 'bias'
+    b = sd.get(bias_key)
+    if b is not None and tuple(b.shape) != (out_dim,): raise ValueError(f"{path}: {bias_key} has shape {tuple(b.shape)}, expected ({out_dim},)")
+    p = ExpCLIPProjection(in_dim, out_dim, bias=b is not None)
+    with torch.no_grad():
+        p.proj.weight.copy_(w.float())
+        if b is not None: p.proj.bias.copy_(b.float())
+    if meta is None: meta = dict(format='official' if 'mlp.weight' in key else 'state dict', key=key, file=str(path))
     return p.to(device).eval(), meta
 
-def clip_video_features(clip: ClipEncoder, folders, n_frames: int = 16, cache: FeatureCache = None, batch_size: int = 16) -> np.ndarray:
-    "Un-normalised CLIP embeddings (n, T, D) of frame folders, T frames at segment centres (TSN eval sampling), cached."
-    from emonb.data import load_image, tsn_indices, IMAGE_EXTS
-    folders = [str(f) for f in folders]
+def clip_video_features(clip: ClipEncoder, folders, n_frames: int = 16, cache: FeatureCache = None, batch_size: int = 16,
+                        variant: str = 'official', transform=None, frames: str = None) -> np.ndarray:
+    "Un-normalised CLIP embeddings (n, T, D) of frame folders: T frames sampled as `variant` says (or `frames`), through its input transform (or `transform`), cached."
+    from emonb.data import IMAGE_EXTS
+    folders, pre = [str(f) for f in folders], _input_transform(clip, variant, transform)
+    how, read = expclip_options(variant, frames=frames)['frames'], _reader(pre)
     def load(fs):
         out = []
         for f in fs:
-            frames = sorted(p for p in Path(f).iterdir() if p.suffix.lower() in IMAGE_EXTS) if Path(f).is_dir() else []
-            if not frames: raise FileNotFoundError(f"frame folder {f} does not exist or holds no frames")
-            out.append(torch.stack([clip.preprocess(load_image(frames[i])) for i in tsn_indices(len(frames), n_frames)]))
+            files = sorted(p for p in Path(f).iterdir() if p.suffix.lower() in IMAGE_EXTS) if Path(f).is_dir() else []
+            if not files: raise FileNotFoundError(f"frame folder {f} does not exist or holds no frames")
+            out.append(torch.stack([pre(read(files[i])) for i in expclip_frame_indices(len(files), n_frames, frames=how)]))
         return torch.stack(out)
     cache = cache if cache is not None else FeatureCache()
     f = cache.get(folders, lambda x: clip.encode_clip(x, normalize=False).flatten(1), clip_id(clip),
-                  f"frames:{n_frames}:{clip.image_size}", load=load, batch_size=batch_size, device=clip.device)
+                  f"frames:{n_frames}:{how}:{_transform_id(pre)}", load=load, batch_size=batch_size, device=clip.device)
     return np.asarray(f).reshape(len(folders), n_frames, -1)
 
-def fit_expclip(clip: ClipEncoder, teacher: Teacher, paths, out, config: TrainConfig = None, bs: int = 512, loss: str = 'infonce',
-                cache: FeatureCache = None, overwrite: bool = False) -> dict:
-    "Train Exp-CLIP's P on unlabelled image files (cached CLIP embeddings and teacher targets); save it in `out`."
-    config, paths = config or EXPCLIP_RECIPE, [str(p) for p in paths]
+def fit_expclip(clip: ClipEncoder, teacher: Teacher, paths, out, config: TrainConfig = None, bs: int = 512, loss: str = None,
+                cache: FeatureCache = None, overwrite: bool = False, variant: str = 'official', inputs: str = None, scale=None,
+                valid_pct: float = None) -> dict:
+    "Train Exp-CLIP's P on unlabelled image files under `variant` (cached CLIP embeddings and teacher targets); save it in `out`."
+    o = expclip_options(variant, loss=loss, inputs=inputs, scale=scale, valid_pct=valid_pct)
+    config, paths = config or expclip_config(variant), [str(p) for p in paths]
     out = prepare_output_dir(out, overwrite=overwrite)
     cache = cache if cache is not None else FeatureCache()
-    e_I = clip_image_features(clip, paths, cache)
+    pre, s = expclip_transform(clip, variant, o['inputs']), expclip_scale(clip, variant, o['scale'])
+    e_I = clip_image_features(clip, paths, cache, transform=pre)
     e_G = teacher_targets(teacher, paths, cache)
-    learn = train_projection(e_I, e_G, config, bs=bs, loss=loss, path=out, device=clip.device)
-    info = dict(method='exp-clip', clip=clip_id(clip), teacher=teacher.cache_id, teacher_dim=teacher.dim, n_images=len(paths),
-                loss=loss, bs=bs, recipe=asdict(config), valid_loss=[float(v[0]) for v in learn.recorder.values],
-                projection=str(out/'projection.safetensors'))
+    learn = train_projection(e_I, e_G, config, bs=bs, loss=o['loss'], scale=s, valid_pct=o['valid_pct'], path=out, device=clip.device,
+                             variant=variant)
+    info = dict(method='exp-clip', variant=variant, inputs=_transform_id(pre), loss=o['loss'], scale=s, valid_pct=float(o['valid_pct']),
+                clip=clip_id(clip), teacher=teacher.cache_id, teacher_dim=teacher.dim, teacher_pixels=getattr(teacher, 'pixels', None),
+                n_images=len(paths), bs=bs, recipe=asdict(config), **epoch_losses(learn), projection=str(out/'projection.safetensors'))
     save_projection(learn.model, out/'projection.safetensors', info)
     atomic_write_json(out/'expclip.json', info)
     return info
 
 def evaluate_expclip(clip: ClipEncoder, projection: ExpCLIPProjection, df: pd.DataFrame, labels, out=None, kinds=PROMPT_KINDS,
-                     n_frames: int = 16, cache: FeatureCache = None, overwrite: bool = False) -> pd.DataFrame:
-    "Zero-shot WAR/UAR of plain CLIP and Exp-CLIP on the rows of `df` (image files or frame folders) for each prompt kind."
+                     n_frames: int = 16, cache: FeatureCache = None, overwrite: bool = False, variant: str = 'official',
+                     inputs: str = None, frames: str = None, prompts: str = None, scale=None) -> pd.DataFrame:
+    "Zero-shot WAR/UAR of plain CLIP and Exp-CLIP on the rows of `df` (image files or frame folders) for each prompt kind, under `variant`."
     from emonb.evaluate import write_report
+    o = expclip_options(variant, inputs=inputs, frames=frames, prompts=prompts, scale=scale)
     ls = label_set(labels) if isinstance(labels, str) else labels
     if len(df) == 0: raise ValueError("the sample table is empty")
+    if projection is not None and projection.clip_dim != clip.embed_dim:
+        raise ValueError(f"the projection maps {projection.clip_dim}-d embeddings but {clip.name} gives {clip.embed_dim}-d ones")
     video = Path(df['path'].iloc[0]).is_dir()
-    feats = (clip_video_features(clip, df['path'], n_frames, cache) if video else clip_image_features(clip, df['path'], cache))
-    prompts = expclip_prompts(ls)
-    tf = {k: class_text_features(clip, prompts[k]) for k in kinds}
+    pre, s = expclip_transform(clip, variant, o['inputs']), expclip_scale(clip, variant, o['scale'])
+    feats = (clip_video_features(clip, df['path'], n_frames, cache, transform=pre, frames=o['frames']) if video
+             else clip_image_features(clip, df['path'], cache, transform=pre))
+    tf = expclip_text_features(clip, ls, kinds, variant, o['prompts'])
     y = df['label'].to_numpy().astype(int)
     models = {'CLIP': None, 'Exp-CLIP': projection}
-    table = zero_shot_table(feats, y, tf, models)
+    table = zero_shot_table(feats, y, tf, models, s)
     if out is not None:
         out = prepare_output_dir(out, overwrite=overwrite)
+        run = dict(variant=variant, inputs=_transform_id(pre), prompt_lists=o['prompts'], scale=s, video=video, clip=clip_id(clip),
+                   **(dict(frames=o['frames'], n_frames=n_frames) if video else {}))
         for name, p in models.items():
             for k in kinds:
-                scores = zero_shot_logits(feats, tf[k], p).softmax(-1).numpy()
+                scores = zero_shot_logits(feats, tf[k], p, s).softmax(-1).numpy()
                 write_report(out/f"{name.lower()}-{k}", y, scores, ls, items=list(df['path']), overwrite=overwrite,
-                             run=dict(method=name, prompts=k, video=video, clip=clip_id(clip)))
+                             run=dict(method=name, prompts=k, **run))
         atomic_write_bytes(out/'summary.csv', table.to_csv().encode())
     return table
