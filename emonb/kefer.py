@@ -5,45 +5,97 @@
 # %% ../nbs/10_kefer.ipynb #e535fbad
 from __future__ import annotations
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
-import time, platform
+import math, re, time, platform
 import numpy as np, pandas as pd
 import torch
 from torch import nn
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 from fastai.callback.core import Callback
+from fastai.callback.schedule import ParamScheduler
+from fastai.data.block import DataBlock, TransformBlock
+from fastai.data.transforms import ColSplitter, IntToFloatTensor
+from fastai.vision.core import PILImage, TensorImage
+from fastai.vision.augment import Resize, RandTransform
 from fastai.torch_core import set_seed
 from fastai.losses import CrossEntropyLossFlat
-from .core import LabelSet, label_set, war_metric, uar_metric, prepare_output_dir
-from .data import image_dataloaders, split_dataloader
+from .core import LabelSet, label_set, war_metric, uar_metric, prepare_output_dir, check_variant, VARIANTS
+from .data import image_dataloaders, split_dataloader, train_val_rows, target_block, normalization, load_image
 from .prompts import kefer_prompts, KEFER_DEFAULT
 from .encoders import ClipEncoder, TimmImageEncoder, HFTextEncoder
-from .losses import cosine_logits, KeferLoss
+from .losses import cosine_logits, KeferLoss, KEFER_LOSS_VARIANTS
 from .learner import TrainConfig, make_learner, fit, load_best
 from .evaluate import write_report
 
 # %% auto #0
-__all__ = ['KEFER_BATCH_SIZE', 'text_prototypes', 'resnet_encoder', 'ClipImageTower', 'KeferModel', 'KeferLogits', 'Float32Loss',
-           'kefer_config', 'predict_scores', 'train_kefer', 'train_classifier', 'fer2013_subset']
+__all__ = ['KEFER_OFFICIAL_TEMPLATE', 'KEFER_OFFICIAL_AUGMENT', 'KEFER_VARIANTS', 'KEFER_HEADS', 'KEFER_BATCH_SIZE',
+           'KEFER_LR_STEPS', 'kefer_variant', 'kefer_texts', 'clip_temperature', 'text_prototypes',
+           'face_embedding_head', 'resnet_encoder', 'encoder_head', 'ClipImageTower', 'KeferModel', 'KeferLogits',
+           'Float32Loss', 'kefer_config', 'kefer_official_lr', 'EpochwiseLR', 'lr_step_callbacks', 'PadRandomCrop',
+           'TorchFlip', 'erasing_box', 'ZeroErasing', 'kefer_official_transforms', 'kefer_dataloaders',
+           'predict_scores', 'train_kefer', 'train_classifier', 'fer2013_subset']
+
+# %% ../nbs/10_kefer.ipynb #a286072b
+KEFER_OFFICIAL_TEMPLATE = 'a photo of a person making a [CLS] facial expression.'   # models/backbone_raf.py ('an' before a vowel)
+KEFER_OFFICIAL_AUGMENT = 'kefer_official'    # the official training transforms (`kefer_official_transforms`)
+
+KEFER_VARIANTS = {   # the defaults each variant gives; explicit arguments override them (loss options: emonb.losses.KEFER_LOSS_VARIANTS)
+    'official': dict(template=KEFER_OFFICIAL_TEMPLATE, articles=True, tau='text CLIP', head='face_embedding', size=112,
+                     augment=KEFER_OFFICIAL_AUGMENT, lr_steps='epoch', warmup_epochs=1),
+    'paper': dict(template=KEFER_DEFAULT, articles=False, tau=0.01, head='linear', size=224, augment='kefer', lr_steps='batch',
+                  warmup_epochs=None),
+    'emonb': dict(template=KEFER_DEFAULT, articles=False, tau=0.01, head='linear', size=48, augment='kefer', lr_steps='batch',
+                  warmup_epochs=None),
+}
+
+def kefer_variant(variant: str) -> dict:
+    "Every default of KEFER's `variant` (this notebook's and the loss's) in one dict; a clear error for an unknown variant."
+    return {**KEFER_VARIANTS[check_variant(variant, 'KEFER')], **KEFER_LOSS_VARIANTS[variant]}
 
 # %% ../nbs/10_kefer.ipynb #9b754bde
-def text_prototypes(labels, text_encoder, template: str | int = KEFER_DEFAULT, words: str = 'noun') -> torch.Tensor:
-    "Class prototypes (K, d): the frozen `text_encoder`'s L2-normalised embeddings of each class's KEFER prompt, computed once."
-    texts = kefer_prompts(labels, template, words).texts['prompt']
+def kefer_texts(labels, template: str | int = KEFER_DEFAULT, words: str = 'noun', articles: bool = False) -> list:
+    "The KEFER prompt of each class; `articles=True` writes 'an' for 'a' before a word that starts with a vowel ('an anger', as the official prompts do)."
+    texts = list(kefer_prompts(labels, template, words).texts['prompt'])
+    return [re.sub(r'\b([Aa]) (?=[AEIOUaeiou])', r'\1n ', t) for t in texts] if articles else texts
+
+def clip_temperature(clip: ClipEncoder) -> float:
+    "tau = 1 / exp(logit_scale) of a CLIP: the temperature the official code uses (0.01 for OpenAI's weights)."
+    return 1 / clip.model.logit_scale.exp().item()
+
+def text_prototypes(labels, text_encoder, template: str | int | None = None, words: str = 'noun', articles: bool | None = None,
+                    normalize: bool | None = None, variant: str = 'official') -> torch.Tensor:
+    "Class prototypes (K, d): the frozen `text_encoder`'s embeddings of each class's KEFER prompt, computed once; `variant` picks the template, the articles and whether they are L2-normalised."
+    d = kefer_variant(variant)
+    template = d['template'] if template is None else template
+    articles = d['articles'] if articles is None else articles
+    normalize = d['normalize_prototypes'] if normalize is None else normalize
+    texts = kefer_texts(labels, template, words, articles)
     with torch.no_grad():
         if isinstance(text_encoder, ClipEncoder): e = text_encoder.encode_text(texts, normalize=False)
         elif callable(text_encoder): e = text_encoder(texts)
         else: raise TypeError(f"text_encoder must be a ClipEncoder or a callable texts -> (n, d) tensor, got {type(text_encoder).__name__}")
-    e = torch.as_tensor(e).detach().float().cpu()
+    e = torch.as_tensor(e).detach().cpu()
+    e = e if e.dtype == torch.float64 else e.float()
     if e.ndim != 2 or len(e) != len(texts): raise ValueError(f"the text encoder returned shape {tuple(e.shape)} for {len(texts)} prompts")
-    return F.normalize(e, dim=-1)
+    return F.normalize(e, dim=-1) if normalize else e
 
 # %% ../nbs/10_kefer.ipynb #0757c082
+KEFER_HEADS = ('linear', 'face_embedding')
+
+def face_embedding_head(in_dim: int, out_dim: int) -> nn.Sequential:
+    "Linear(in, in, no bias) -> BatchNorm1d -> Linear(in, out, no bias) -> BatchNorm1d (eps 2e-5): the embedding head of the official code's face-recognition Swin-T."
+    return nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim, eps=2e-5),
+                         nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, eps=2e-5))
+
 def resnet_encoder(arch: str = 'resnet18', embed_dim: int = 384, in_chans: int = 3, stem: str = 'imagenet',
-                   weights=None, **kw) -> TimmImageEncoder:
-    "A timm ResNet + linear projection to `embed_dim`; `stem='cifar'`: a 3x3 stride-1 first conv and no max-pool (small images)."
+                   weights=None, head: str = 'linear', **kw) -> TimmImageEncoder:
+    "A timm ResNet + a projection to `embed_dim` (`head`: 'linear' or 'face_embedding'); `stem='cifar'`: a 3x3 stride-1 first conv and no max-pool (small images)."
     if stem not in ('imagenet', 'cifar'): raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+    if head not in KEFER_HEADS: raise ValueError(f"head must be one of {KEFER_HEADS}, got {head!r}")
     enc = TimmImageEncoder(arch, embed_dim=embed_dim, weights=weights, in_chans=in_chans, **kw)
+    if head == 'face_embedding': enc.proj = face_embedding_head(enc.backbone.num_features, embed_dim)
     if stem == 'cifar':
         b = enc.backbone
         if not (isinstance(getattr(b, 'conv1', None), nn.Conv2d) and hasattr(b, 'maxpool')):
@@ -51,6 +103,11 @@ def resnet_encoder(arch: str = 'resnet18', embed_dim: int = 384, in_chans: int =
         b.conv1 = nn.Conv2d(in_chans, b.conv1.out_channels, 3, 1, 1, bias=False)
         b.maxpool = nn.Identity()
     return enc
+
+def encoder_head(enc) -> str | None:
+    "'face_embedding' or 'linear' for a `TimmImageEncoder` (its projection), None for other encoders."
+    if not isinstance(enc, TimmImageEncoder): return None
+    return 'face_embedding' if isinstance(enc.proj, nn.Sequential) else 'linear'
 
 # %% ../nbs/10_kefer.ipynb #b247257a
 class ClipImageTower(nn.Module):
@@ -62,22 +119,23 @@ class ClipImageTower(nn.Module):
     def forward(self, x): return self.clip.encode_image(x, normalize=False)
 
 class KeferModel(nn.Module):
-    "Visual encoder F_e (-> v in the text space) and neutral transform F_n (-> n); classes by cosine with frozen text prototypes."
+    "Visual encoder F_e (-> v in the text space) and neutral transform F_n (-> n); classes by cosine with frozen text prototypes (kept raw, or L2-normalised under `variant='emonb'`)."
     def __init__(self, visual_encoder: nn.Module, prototypes: torch.Tensor, neutral_index: int | None, hidden: int = 128,
-                 tau: float = 0.01):
+                 tau: float = 0.01, variant: str = 'official'):
         super().__init__()
+        d = kefer_variant(variant)
         prototypes = torch.as_tensor(prototypes).detach().float()
         if prototypes.ndim != 2: raise ValueError(f"prototypes must be (n_classes, dim), got shape {tuple(prototypes.shape)}")
-        k, d = prototypes.shape
+        k, dim = prototypes.shape
         if neutral_index is not None and not 0 <= neutral_index < k:
             raise ValueError(f"neutral_index {neutral_index} is not a class index 0..{k-1}")
         if isinstance(visual_encoder, ClipEncoder): visual_encoder = ClipImageTower(visual_encoder)
         self.visual = visual_encoder
-        dim = getattr(visual_encoder, 'embed_dim', None)
-        self.proj = nn.Linear(dim, d) if dim is not None and dim != d else nn.Identity()
-        self.neutral_transform = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d))
-        self.register_buffer('prototypes', F.normalize(prototypes, dim=-1))
-        self.neutral_index, self.tau = neutral_index, tau
+        enc_dim = getattr(visual_encoder, 'embed_dim', None)
+        self.proj = nn.Linear(enc_dim, dim) if enc_dim is not None and enc_dim != dim else nn.Identity()
+        self.neutral_transform = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.register_buffer('prototypes', F.normalize(prototypes, dim=-1) if d['normalize_prototypes'] else prototypes)
+        self.neutral_index, self.tau, self.variant = neutral_index, tau, variant
 
     def features(self, x) -> torch.Tensor:
         "v = F_e(x) in the text embedding space (not normalised)."
@@ -93,8 +151,8 @@ class KeferModel(nn.Module):
         return v, self.neutral_transform(v)
 
     def logits(self, v) -> torch.Tensor:
-        "cos(v, t_c) / tau for every class c (in float32)."
-        return cosine_logits(v.float(), self.prototypes, self.tau)
+        "cos(v, t_c) / tau for every class c (in float32, or float64 for a float64 model)."
+        return cosine_logits(v if v.dtype == torch.float64 else v.float(), self.prototypes, self.tau)
 
     def predict(self, x) -> torch.Tensor:
         "Class logits of images `x`; F_n is not used at test time."
@@ -123,12 +181,109 @@ class Float32Loss(nn.Module):
 # %% ../nbs/10_kefer.ipynb #fbf52817
 KEFER_BATCH_SIZE = 64
 
-def kefer_config(**overrides) -> TrainConfig:
-    "The paper's recipe: SGD lr 2e-3, momentum 0.9, wd 5e-4, warm-up cosine (10% warm-up), 50 epochs; selection on validation WAR."
+def kefer_config(variant: str = 'official', **overrides) -> TrainConfig:
+    "The recipe of `variant`: SGD lr 2e-3, momentum 0.9, wd 5e-4, warm-up cosine, 50 epochs, selection on validation WAR; the warm-up is 1 epoch (official) or 10% of the epochs (paper, emonb)."
+    w = kefer_variant(variant)['warmup_epochs']
     d = dict(epochs=50, lr=2e-3, opt='sgd', momentum=0.9, wd=5e-4, schedule='warmup_cosine', monitor='war')
     d.update(overrides)
-    if 'warmup_epochs' not in overrides: d['warmup_epochs'] = 0.1 * d['epochs']
+    if 'warmup_epochs' not in overrides: d['warmup_epochs'] = w if w is not None else 0.1 * d['epochs']
     return TrainConfig(**d)
+
+def kefer_official_lr(epoch: int, epochs: int, lr: float, warmup_epochs: int = 1, warmup_lr: float = 1e-4) -> float:
+    "The learning rate of `epoch` (0-based) under the official scheduler: `warmup_epochs` epochs at the constant `warmup_lr`, then cosine annealing from `lr`, stepped once per epoch, with T_max = `epochs`."
+    if epoch < warmup_epochs: return warmup_lr
+    return lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs)) / 2
+
+class EpochwiseLR(Callback):
+    "Set the learning rate at every training batch to `lr_of_epoch(epoch)`: a schedule stepped once per epoch (it runs after fastai's ParamScheduler and replaces its value)."
+    order, run_valid = ParamScheduler.order + 1, False
+    def __init__(self, lr_of_epoch): self.lr_of_epoch = lr_of_epoch
+    def before_batch(self): self.opt.set_hyper('lr', self.lr_of_epoch(self.epoch))
+
+KEFER_LR_STEPS = ('batch', 'epoch')
+
+def lr_step_callbacks(config: TrainConfig, lr_steps: str | None, warmup_lr: float = 1e-4, variant: str = 'official') -> tuple:
+    "(lr_steps, callbacks): 'epoch' steps the warm-up cosine once per epoch as the official code does (the official variant's default when config.schedule is 'warmup_cosine'); 'batch' leaves fastai's per-batch schedule of `config`."
+    if lr_steps is None:
+        lr_steps = 'epoch' if kefer_variant(variant)['lr_steps'] == 'epoch' and config.schedule == 'warmup_cosine' else 'batch'
+    if lr_steps not in KEFER_LR_STEPS: raise ValueError(f"lr_steps must be one of {KEFER_LR_STEPS}, got {lr_steps!r}")
+    if lr_steps == 'batch': return lr_steps, []
+    if config.schedule != 'warmup_cosine':
+        raise ValueError(f"lr_steps='epoch' steps the official warm-up cosine once per epoch: config.schedule must be 'warmup_cosine', got {config.schedule!r}")
+    if np.ndim(config.lr) or config.warmup_epochs != int(config.warmup_epochs):
+        raise ValueError(f"lr_steps='epoch' needs one learning rate and a whole number of warm-up epochs, got lr={config.lr}, "
+                         f"warmup_epochs={config.warmup_epochs}")
+    return lr_steps, [EpochwiseLR(partial(kefer_official_lr, epochs=config.epochs, lr=float(config.lr),
+                                          warmup_epochs=int(config.warmup_epochs), warmup_lr=warmup_lr))]
+
+# %% ../nbs/10_kefer.ipynb #63baf5bc
+class PadRandomCrop(RandTransform):
+    "Training only, with probability p: pad by `padding` black pixels on each side and crop a random window of the original size; torchvision's RandomApply([RandomCrop(size, padding)], p) with the same draws from torch's generator."
+    split_idx, order = 0, 2
+    def __init__(self, padding: int = 4, p: float = 0.5):
+        super().__init__(p=p)
+        self.padding = padding
+    def before_call(self, b, split_idx):
+        self.do = split_idx == self.split_idx and not bool(self.p < torch.rand(1))
+        if self.do:
+            n = 2 * self.padding + 1
+            self.i, self.j = int(torch.randint(0, n, size=(1,))), int(torch.randint(0, n, size=(1,)))
+    def encodes(self, x: PILImage):
+        w, h = x.size
+        return PILImage(ImageOps.expand(x, border=self.padding, fill=0).crop((self.j, self.i, self.j + w, self.i + h)))
+
+class TorchFlip(RandTransform):
+    "Training only: mirror left-right with probability p; torchvision's RandomHorizontalFlip with the same draw from torch's generator."
+    split_idx, order = 0, 3
+    def before_call(self, b, split_idx): self.do = split_idx == self.split_idx and bool(torch.rand(1) < self.p)
+    def encodes(self, x: PILImage): return PILImage(x.transpose(Image.FLIP_LEFT_RIGHT))
+
+def erasing_box(height: int, width: int, scale=(0.02, 0.25), ratio=(0.3, 3.3), tries: int = 10):
+    "(top, left, h, w) of a random rectangle of `scale` of the area and a log-uniform aspect ratio in `ratio`, or None after `tries` misses; the draws of torchvision's RandomErasing.get_params."
+    area, log_ratio = height * width, torch.log(torch.tensor(ratio))
+    for _ in range(tries):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if not (h < height and w < width): continue
+        return torch.randint(0, height - h + 1, size=(1,)).item(), torch.randint(0, width - w + 1, size=(1,)).item(), h, w
+    return None
+
+class ZeroErasing(RandTransform):
+    "Training only, per image of a normalised batch: with probability p, set a random rectangle (`erasing_box`) to 0; torchvision's RandomErasing(p, scale, ratio, value=0)."
+    split_idx, order = 0, 100    # after Normalize (99)
+    def __init__(self, p: float = 0.5, scale=(0.02, 0.25), ratio=(0.3, 3.3)):
+        super().__init__(p=1.)
+        self.p_erase, self.scale, self.ratio = p, tuple(scale), tuple(ratio)
+    def before_call(self, b, split_idx): self.do = split_idx == self.split_idx
+    def encodes(self, x: TensorImage):
+        out = x.clone()
+        for k in range(len(x)):
+            if not bool(torch.rand(1) < self.p_erase): continue
+            box = erasing_box(x.shape[-2], x.shape[-1], self.scale, self.ratio)
+            if box is not None:
+                i, j, h, w = box
+                out[k, :, i:i + h, j:j + w] = 0
+        return out
+
+def kefer_official_transforms(size: int = 112, normalize: str = 'imagenet') -> tuple:
+    "(item_tfms, batch_tfms) of the official training inputs: resize, padded random crop (p 0.5), flip; [0, 1] tensors, normalisation, zero erasing (p 0.5, 2-25% of the area). Validation only resizes and normalises."
+    return [Resize(size), PadRandomCrop(4, 0.5), TorchFlip(p=0.5)], normalization(normalize) + [ZeroErasing(0.5, (0.02, 0.25), (0.3, 3.3))]
+
+def _face_image(row) -> PILImage:
+    return PILImage(load_image(row['path'], allow_truncated=bool(row.get('truncated', False))))
+
+def kefer_dataloaders(df: pd.DataFrame, size: int = 112, bs: int = KEFER_BATCH_SIZE, augment: str = KEFER_OFFICIAL_AUGMENT,
+                      normalize: str = 'imagenet', labels=None, num_workers: int = 0, **kw):
+    "fastai DataLoaders of face images; `augment`: 'kefer_official' (the official code's transforms) or a preset of `emonb.data.image_dataloaders`."
+    if augment != KEFER_OFFICIAL_AUGMENT:
+        return image_dataloaders(df, size=size, bs=bs, augment=augment, normalize=normalize, labels=labels, num_workers=num_workers, **kw)
+    tv = train_val_rows(df)
+    yb, get_y = target_block(df, labels)
+    item_tfms, batch_tfms = kefer_official_transforms(size, normalize)
+    block = DataBlock(blocks=(TransformBlock(type_tfms=_face_image, batch_tfms=IntToFloatTensor), yb), get_y=get_y,
+                      splitter=ColSplitter('is_valid'), item_tfms=item_tfms, batch_tfms=batch_tfms)
+    return block.dataloaders(tv, bs=bs, num_workers=num_workers, **kw)
 
 # %% ../nbs/10_kefer.ipynb #78b95502
 def predict_scores(model: nn.Module, dl, hflip: bool = False, precision: str = 'auto') -> tuple:
@@ -160,7 +315,7 @@ def _fit_and_report(df, out, model, loss_func, method: str, labels: LabelSet, si
                     hflip_tta, num_workers, progress, run, dls=None, cbs=(), keep_epochs=False, device=None) -> tuple:
     "Fit, select, score the test rows once, write out/report; returns (learner, metrics)."
     if dls is None:
-        dls = image_dataloaders(df, size=size, bs=bs, augment=augment, normalize=normalize, labels=labels, num_workers=num_workers,
+        dls = kefer_dataloaders(df, size=size, bs=bs, augment=augment, normalize=normalize, labels=labels, num_workers=num_workers,
                                 **({} if device is None else dict(device=device)))
     learn = make_learner(dls, model, loss_func, replace(config, keep_epochs=keep_epochs), metrics=[war_metric(), uar_metric(len(labels))],
                          path=out, cbs=list(cbs))
@@ -175,51 +330,72 @@ def _fit_and_report(df, out, model, loss_func, method: str, labels: LabelSet, si
                 size=size, bs=bs, augment=augment, normalize=normalize, config=asdict(config), select=select,
                 best_epoch=None if best is None else best['epoch'], best_valid=None if best is None else best['value'],
                 hflip_tta=hflip_tta, train_seconds=round(train_seconds, 1), device=str(dls.device), torch=torch.__version__,
-                python=platform.python_version(), parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                **(run or {}))
+                python=platform.python_version(), parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    info.update(run or {})
     metrics = write_report(Path(out)/'report', targets, probs, labels, items=list(test.path), run=info)
     return learn, metrics
 
 def _encoder_name(enc) -> str: return getattr(enc, 'name', None) or type(enc).__name__
 
-def train_kefer(df: pd.DataFrame, out, labels=None, text_encoder=None, prototypes=None, template=KEFER_DEFAULT,
-                words: str = 'noun', visual_encoder: nn.Module = None, arch: str = 'resnet18', stem: str = 'imagenet',
-                encoder_kw: dict = None, size: int = 48, bs: int = KEFER_BATCH_SIZE, config: TrainConfig = None,
-                tau: float = 0.01, gamma: float = 2., lambdas=(1., 1., 1.), all_pairs: bool = False, hidden: int = 128,
-                augment: str = 'kefer', normalize: str = 'imagenet', select: str = 'best', hflip_tta: bool = False,
+def _text_encoder_record(text_encoder) -> dict:
+    if text_encoder is None: return dict(text_encoder='given prototypes')
+    name = str(getattr(text_encoder, 'path', None) or _encoder_name(text_encoder))
+    return dict(text_encoder=name, **(dict(text_clip=text_encoder.describe()) if isinstance(text_encoder, ClipEncoder) else {}))
+
+def train_kefer(df: pd.DataFrame, out, labels=None, text_encoder=None, prototypes=None, template=None, words: str = 'noun',
+                articles: bool = None, visual_encoder: nn.Module = None, arch: str = 'resnet18', stem: str = 'imagenet',
+                head: str = None, encoder_kw: dict = None, size: int = None, bs: int = KEFER_BATCH_SIZE, config: TrainConfig = None,
+                tau: float = None, gamma: float = 2., lambdas=(1., 1., 1.), all_pairs: bool = None,
+                normalize_prototypes: bool = None, hidden: int = 128, augment: str = None, normalize: str = 'imagenet',
+                lr_steps: str = None, warmup_lr: float = 1e-4, select: str = 'best', hflip_tta: bool = False,
                 num_workers: int = 0, device=None, keep_epochs: bool = False, overwrite: bool = False, progress: bool = True,
-                run: dict = None, dls=None) -> tuple:
-    "Train the knowledge-enhanced FER method on a sample table; select on val, test once, write `out/report`. Returns (learner, metrics)."
-    labels, config = _labels_of(df, labels), config or kefer_config()
+                run: dict = None, dls=None, variant: str = 'official') -> tuple:
+    "Train the knowledge-enhanced FER method (`variant` 'official', 'paper' or 'emonb') on a sample table; select on val, test once, write `out/report`. Returns (learner, metrics)."
+    d = kefer_variant(variant)
+    labels, config = _labels_of(df, labels), config or kefer_config(variant)
     _check_run(df, config, select)
+    size, augment, head = (d[k] if v is None else v for k, v in (('size', size), ('augment', augment), ('head', head)))
+    template, articles = d['template'] if template is None else template, d['articles'] if articles is None else articles
+    lr_steps, lr_cbs = lr_step_callbacks(config, lr_steps, warmup_lr, variant)
     neutral = labels.index('neutral') if 'neutral' in labels else None
     if neutral is None and (lambdas[1] or lambdas[2]):
         raise ValueError(f"label set {labels.name!r} has no neutral class, which L_t and L_c need: pass lambdas=(1, 0, 0)")
     out = prepare_output_dir(out, overwrite=overwrite)
+    texts = None
     if prototypes is None:
         text_encoder = text_encoder if text_encoder is not None else HFTextEncoder()
-        prototypes = text_prototypes(labels, text_encoder, template, words)
+        texts = kefer_texts(labels, template, words, articles)
+        prototypes = text_prototypes(labels, text_encoder, template, words, articles, variant=variant)
     prototypes = torch.as_tensor(prototypes).float()
     if len(prototypes) != len(labels): raise ValueError(f"{len(prototypes)} prototypes for {len(labels)} classes of {labels.name!r}")
+    if tau is None:
+        tau = clip_temperature(text_encoder) if d['tau'] == 'text CLIP' and isinstance(text_encoder, ClipEncoder) else 0.01
     set_seed(config.seed)   # the new layers' initial weights follow the seed
-    if visual_encoder is None: visual_encoder = resnet_encoder(arch, embed_dim=prototypes.shape[1], stem=stem, **(encoder_kw or {}))
-    model = KeferModel(visual_encoder, prototypes, neutral, hidden=hidden, tau=tau)
-    loss = Float32Loss(KeferLoss(prototypes, neutral if neutral is not None else 0, tau=tau, gamma=gamma, lambdas=lambdas,
-                                 all_pairs=all_pairs))
-    info = dict(text_encoder='given prototypes' if text_encoder is None else str(getattr(text_encoder, 'path', None) or _encoder_name(text_encoder)),
-                template=template, words=words, tau=tau, gamma=gamma, lambdas=list(lambdas), all_pairs=all_pairs, hidden=hidden,
-                visual_encoder=_encoder_name(visual_encoder), stem=stem, encoder_kw=encoder_kw or {}, **(run or {}))
-    return _fit_and_report(df, out, model, loss, 'kefer', labels, size, bs, config, augment, normalize, select, hflip_tta,
-                           num_workers, progress, info, dls=dls, cbs=[KeferLogits()], keep_epochs=keep_epochs, device=device)
+    if visual_encoder is None:
+        visual_encoder = resnet_encoder(arch, embed_dim=prototypes.shape[1], stem=stem, head=head, **(encoder_kw or {}))
+    model = KeferModel(visual_encoder, prototypes, neutral, hidden=hidden, tau=tau, variant=variant)
+    kl = KeferLoss(prototypes, neutral if neutral is not None else 0, tau=tau, gamma=gamma, lambdas=lambdas, all_pairs=all_pairs,
+                   normalize_prototypes=normalize_prototypes, variant=variant)
+    info = dict(variant=variant, **_text_encoder_record(text_encoder), template=template, words=words, articles=articles,
+                prompts=texts, normalize_prototypes=kl.normalize_prototypes, tau=tau, gamma=gamma, lambdas=list(lambdas),
+                all_pairs=kl.all_pairs, hidden=hidden, visual_encoder=_encoder_name(visual_encoder), head=encoder_head(visual_encoder),
+                stem=stem, encoder_kw=encoder_kw or {}, lr_steps=lr_steps, warmup_lr=warmup_lr if lr_steps == 'epoch' else None)
+    info.update(run or {})
+    return _fit_and_report(df, out, model, Float32Loss(kl), 'kefer', labels, size, bs, config, augment, normalize, select, hflip_tta,
+                           num_workers, progress, info, dls=dls, cbs=[KeferLogits(), *lr_cbs], keep_epochs=keep_epochs, device=device)
 
 def train_classifier(df: pd.DataFrame, out, labels=None, visual_encoder: nn.Module = None, arch: str = 'resnet18',
-                     stem: str = 'imagenet', encoder_kw: dict = None, size: int = 48, bs: int = KEFER_BATCH_SIZE,
-                     config: TrainConfig = None, label_smoothing: float = 0., augment: str = 'kefer', normalize: str = 'imagenet',
-                     select: str = 'best', hflip_tta: bool = False, num_workers: int = 0, device=None, keep_epochs: bool = False,
-                     overwrite: bool = False, progress: bool = True, run: dict = None, dls=None) -> tuple:
-    "The comparison: the same visual encoder with a linear classifier head and cross-entropy on discrete labels. Returns (learner, metrics)."
-    labels, config = _labels_of(df, labels), config or kefer_config()
+                     stem: str = 'imagenet', encoder_kw: dict = None, size: int = None, bs: int = KEFER_BATCH_SIZE,
+                     config: TrainConfig = None, label_smoothing: float = 0., augment: str = None, normalize: str = 'imagenet',
+                     lr_steps: str = None, warmup_lr: float = 1e-4, select: str = 'best', hflip_tta: bool = False,
+                     num_workers: int = 0, device=None, keep_epochs: bool = False, overwrite: bool = False, progress: bool = True,
+                     run: dict = None, dls=None, variant: str = 'official') -> tuple:
+    "The comparison: the same visual encoder with a linear classifier head and cross-entropy on discrete labels, with KEFER's inputs and recipe of `variant`. Returns (learner, metrics)."
+    d = kefer_variant(variant)
+    labels, config = _labels_of(df, labels), config or kefer_config(variant)
     _check_run(df, config, select)
+    size, augment = d['size'] if size is None else size, d['augment'] if augment is None else augment
+    lr_steps, lr_cbs = lr_step_callbacks(config, lr_steps, warmup_lr, variant)
     set_seed(config.seed)   # the new layers' initial weights follow the seed
     if visual_encoder is None: model = resnet_encoder(arch, embed_dim=len(labels), stem=stem, **(encoder_kw or {}))
     else:
@@ -228,10 +404,11 @@ def train_classifier(df: pd.DataFrame, out, labels=None, visual_encoder: nn.Modu
         if dim is None: raise ValueError("visual_encoder needs an `embed_dim` attribute (its output size) to get a classifier head")
         model = nn.Sequential(visual_encoder, nn.Linear(dim, len(labels)))
     out = prepare_output_dir(out, overwrite=overwrite)
-    info = dict(label_smoothing=label_smoothing, visual_encoder=_encoder_name(visual_encoder if visual_encoder is not None else model),
-                stem=stem, encoder_kw=encoder_kw or {}, **(run or {}))
+    info = dict(variant=variant, label_smoothing=label_smoothing, visual_encoder=_encoder_name(visual_encoder if visual_encoder is not None else model),
+                stem=stem, encoder_kw=encoder_kw or {}, lr_steps=lr_steps, warmup_lr=warmup_lr if lr_steps == 'epoch' else None)
+    info.update(run or {})
     return _fit_and_report(df, out, model, CrossEntropyLossFlat(label_smoothing=label_smoothing), 'classifier', labels, size, bs,
-                           config, augment, normalize, select, hflip_tta, num_workers, progress, info, dls=dls,
+                           config, augment, normalize, select, hflip_tta, num_workers, progress, info, dls=dls, cbs=lr_cbs,
                            keep_epochs=keep_epochs, device=device)
 
 # %% ../nbs/10_kefer.ipynb #a595c9f3

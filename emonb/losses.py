@@ -9,10 +9,12 @@ import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
+from .core import check_variant
 
 # %% auto #0
-__all__ = ['cosine_logits', 'cosine_cross_entropy', 'kefer_transformation_loss', 'kefer_self_contrast_loss', 'KeferLoss',
-           'symmetric_infonce', 'l2_alignment', 'class_weights_log', 'weighted_bce', 'WeightedBCELoss']
+__all__ = ['KEFER_LOSS_VARIANTS', 'cosine_logits', 'cosine_cross_entropy', 'kefer_transformation_loss',
+           'kefer_self_contrast_loss', 'KeferLoss', 'symmetric_infonce', 'l2_alignment', 'class_weights_log',
+           'weighted_bce', 'WeightedBCELoss']
 
 # %% ../nbs/06_losses.ipynb #d7f74bf2
 def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor, tau: float = 0.01) -> torch.Tensor:
@@ -39,13 +41,27 @@ def kefer_self_contrast_loss(v, n, t_y, non_neutral: torch.Tensor, gamma: float 
     if all_pairs: return (t @ n.T - t @ v.T).mean() + gamma
     return ((t * n).sum(-1) - (t * v).sum(-1)).mean() + gamma
 
+KEFER_LOSS_VARIANTS = {   # the defaults each variant gives KeferLoss's options (see the table above)
+    'official': dict(all_pairs=True, normalize_prototypes=False),
+    'paper': dict(all_pairs=False, normalize_prototypes=False),
+    'emonb': dict(all_pairs=False, normalize_prototypes=True),
+}
+
 class KeferLoss(nn.Module):
-    "L = l_s L_s + l_t L_t + l_c L_c, from the model's output (v, n) and the class text prototypes."
+    "L = l_s L_s + l_t L_t + l_c L_c from the model's output (v, n) and the class text prototypes; `variant` picks the defaults of `all_pairs` and `normalize_prototypes`."
     def __init__(self, prototypes: torch.Tensor, neutral_index: int, tau: float = 0.01, gamma: float = 2.,
-                 lambdas=(1., 1., 1.), all_pairs: bool = False):
+                 lambdas=(1., 1., 1.), all_pairs: bool | None = None, normalize_prototypes: bool | None = None,
+                 variant: str = 'official'):
         super().__init__()
+        defaults = KEFER_LOSS_VARIANTS[check_variant(variant, 'KEFER')]
+        prototypes = torch.as_tensor(prototypes)
+        if prototypes.ndim != 2: raise ValueError(f"prototypes must be (n_classes, dim), got shape {tuple(prototypes.shape)}")
+        if not 0 <= neutral_index < len(prototypes): raise ValueError(f"neutral_index {neutral_index} is not a class index 0..{len(prototypes) - 1}")
+        if len(tuple(lambdas)) != 3: raise ValueError(f"lambdas must be (lambda_s, lambda_t, lambda_c), got {lambdas!r}")
         self.register_buffer('prototypes', prototypes.detach().float())
-        self.neutral_index, self.tau, self.gamma, self.lambdas, self.all_pairs = neutral_index, tau, gamma, tuple(lambdas), all_pairs
+        self.neutral_index, self.tau, self.gamma, self.lambdas, self.variant = neutral_index, tau, gamma, tuple(lambdas), variant
+        self.all_pairs = defaults['all_pairs'] if all_pairs is None else bool(all_pairs)
+        self.normalize_prototypes = defaults['normalize_prototypes'] if normalize_prototypes is None else bool(normalize_prototypes)
         self.last = {}
 
     def forward(self, out, y) -> torch.Tensor:
@@ -53,7 +69,8 @@ class KeferLoss(nn.Module):
         t = self.prototypes.to(v.dtype)
         ls = cosine_cross_entropy(v, t, y, self.tau)
         non_neutral = y != self.neutral_index
-        lt = kefer_transformation_loss(v, n, t[y], t[self.neutral_index], non_neutral)
+        t_delta = F.normalize(t, dim=-1) if self.normalize_prototypes else t   # only L_t depends on the prototypes' lengths
+        lt = kefer_transformation_loss(v, n, t_delta[y], t_delta[self.neutral_index], non_neutral)
         lc = kefer_self_contrast_loss(v, n, t[y], non_neutral, self.gamma, self.all_pairs)
         self.last = dict(L_s=ls.detach(), L_t=lt.detach(), L_c=lc.detach())
         a, b, c = self.lambdas

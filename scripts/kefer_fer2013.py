@@ -60,9 +60,11 @@ def parse_args(argv=None):
     p.add_argument('--size', type=int, default=48)
     p.add_argument('--augment', default='kefer', help='emonb.data augmentation preset')
     p.add_argument('--hflip-tta', action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument('--tau', type=float, default=0.01); p.add_argument('--gamma', type=float, default=2.)
+    p.add_argument('--variant', choices=('official', 'paper', 'emonb'), default='emonb',
+                   help="emonb.kefer variant (default emonb: what the recorded numbers used; see 10_kefer's variant table)")
+    p.add_argument('--tau', type=float, default=None, help='temperature (default: the variant\'s)'); p.add_argument('--gamma', type=float, default=2.)
     p.add_argument('--lambdas', default='1,1,1', help='lambda_s,lambda_t,lambda_c')
-    p.add_argument('--all-pairs', action='store_true', help="the official code's L_c over all anchor/sample pairs")
+    p.add_argument('--all-pairs', action=argparse.BooleanOptionalAction, default=None, help="L_c over all anchor/sample pairs (default: the variant's; official: yes)")
     p.add_argument('--text-encoder', default=None, help='Hugging Face text encoder folder (default: all-MiniLM-L6-v2)')
     p.add_argument('--template', default=None, help='prompt template with [CLS] (default: the paper\'s)')
     p.add_argument('--per-class', type=int, default=None, help='use at most this many training images per class (smoke tests)')
@@ -88,7 +90,7 @@ def build_table(fer: pd.DataFrame, protocol: str, valid_pct: float, per_class, s
     df.attrs = dict(fer.attrs)
     return df
 
-def save_prototypes(path, text_encoder=None, template=None):
+def save_prototypes(path, text_encoder=None, template=None, variant='emonb'):
     "Compute the FER2013 class prototypes once with the text encoder and save them with what made them."
     import torch, io
     from emonb.core import label_set, atomic_write_bytes
@@ -97,7 +99,7 @@ def save_prototypes(path, text_encoder=None, template=None):
     from emonb.kefer import text_prototypes
     labels = label_set('fer2013')
     enc = HFTextEncoder(text_encoder)
-    protos = text_prototypes(labels, enc, template or KEFER_DEFAULT)
+    protos = text_prototypes(labels, enc, template or KEFER_DEFAULT, variant=variant)
     buf = io.BytesIO()
     torch.save(dict(prototypes=protos, labels=list(labels.names), template=template or KEFER_DEFAULT,
                     text_encoder=str(text_encoder or 'all-MiniLM-L6-v2')), buf)
@@ -133,7 +135,7 @@ def main(argv=None):
         v = getattr(a, k)
         if v is not None: r[k] = v
     if a.save_prototypes:
-        save_prototypes(a.save_prototypes, a.text_encoder, a.template)
+        save_prototypes(a.save_prototypes, a.text_encoder, a.template, a.variant)
         return None
     if not a.out: sys.exit('--out is required (unless --save-prototypes)')
     out = prepare_output_dir(a.out, overwrite=a.overwrite)
@@ -146,17 +148,17 @@ def main(argv=None):
     cfg_kw = dict(epochs=r['epochs'], lr=r['lr'], wd=r['wd'], schedule=r['schedule'], nesterov=r['nesterov'], seed=a.seed,
                   precision=a.precision, monitor='war')
     if r['warmup_epochs'] is not None: cfg_kw['warmup_epochs'] = r['warmup_epochs']
-    config = kefer_config(**cfg_kw)
+    config = kefer_config(a.variant, **cfg_kw)
     common = dict(arch='resnet18', stem=r['stem'], size=a.size, bs=r['bs'], config=config, augment=a.augment,
                   normalize='imagenet', select='best' if a.protocol == 'holdout' else 'last', hflip_tta=a.hflip_tta,
-                  num_workers=a.num_workers, progress=True, device=device, run=dict(command=command, recipe=a.recipe, protocol=a.protocol))
-    summary = dict(command=command, recipe=r, protocol=a.protocol, device=device,
+                  num_workers=a.num_workers, progress=True, device=device, variant=a.variant, run=dict(command=command, recipe=a.recipe, protocol=a.protocol))
+    summary = dict(command=command, recipe=r, protocol=a.protocol, variant=a.variant, device=device,
                    gpu=torch.cuda.get_device_name(0) if device.startswith('cuda') else None, results={})
     for m in methods:
         t0 = time.time()
         if m == 'kefer':
             protos = (load_prototypes(a.prototypes, fer.attrs['label_set'], a.template) if a.prototypes else
-                      text_prototypes(fer.attrs['label_set'], HFTextEncoder(a.text_encoder), a.template or KEFER_DEFAULT))
+                      text_prototypes(fer.attrs['label_set'], HFTextEncoder(a.text_encoder), a.template or KEFER_DEFAULT, variant=a.variant))
             _, met = train_kefer(df, out/m, prototypes=protos, tau=a.tau, gamma=a.gamma, all_pairs=a.all_pairs,
                                  lambdas=tuple(float(x) for x in a.lambdas.split(',')), **common)
         else:

@@ -16,16 +16,19 @@ def small():
 
 @needs_fer
 def test_kefer_learns_on_real_fer2013(small, tmp_path):
-    "2,100 training faces, 15 epochs of a ResNet-18 from scratch (a few CPU minutes): WAR above the majority class, UAR well above chance."
+    """2,100 training faces, 15 epochs of a ResNet-18 from scratch (a few CPU minutes): WAR above the majority class, UAR well
+    above chance. emonb's variant: from scratch at this budget the official variant (face-embedding head, all-pairs L_c)
+    learns less (measured: 29.1% WAR on these 1,000 faces, against 36.1% for emonb's; nbs/10_kefer.ipynb)."""
     from emonb.kefer import train_kefer, kefer_config
     test = small[small.split == 'test']
     majority = test.label.value_counts(normalize=True).max()          # happiness, ~25%
-    learn, m = train_kefer(small, tmp_path/'kefer', config=kefer_config(epochs=15, lr=0.05), size=48, bs=64, progress=False)
+    learn, m = train_kefer(small, tmp_path/'kefer', config=kefer_config('emonb', epochs=15, lr=0.05), size=48, bs=64, progress=False,
+                           variant='emonb')
     assert m['n'] == len(test) == 1000
     assert m['war'] > majority + 0.05, f"WAR {m['war']:.3f} not clearly above the majority rate {majority:.3f}"
     assert m['uar'] > 0.25, f"UAR {m['uar']:.3f} not clearly above chance (1/7)"
     saved = json.loads((tmp_path/'kefer'/'report'/'metrics.json').read_text())
-    assert saved['run']['method'] == 'kefer' and 'minilm' in saved['run']['text_encoder'].lower()
+    assert saved['run']['method'] == 'kefer' and 'minilm' in saved['run']['text_encoder'].lower() and saved['run']['variant'] == 'emonb'
     assert saved['run']['visual_encoder'] == 'resnet18' and saved['run']['n_train'] == 2100
     assert learn.model.prototypes.shape == (7, 384)
 
