@@ -121,9 +121,15 @@ def _add_crops(sub):
     p.set_defaults(run=run)
 
 def _add_train(sub):
-    p = sub.add_parser('train', help='train a method on a dataset with its paper\'s recipe, test once, write a report folder',
+    p = sub.add_parser('train', help='train a method on a dataset with its recipe (the official code\'s by default), test once, write a report folder',
                        description='Train one of the five methods (or the cross-entropy classifier baseline) on a dataset read '
-                                   'by its emonb reader, with the paper\'s recipe and these overrides; the best epoch on a '
+                                   'by its emonb reader, with the recipe of its --variant and these overrides. The default variant '
+                                   'is official (the official code\'s forward, losses, inputs and recipe) for kefer, expclip, dferclip '
+                                   'and cocoer; paper for mlper (no official code); emonb for kefer and classifier trained from '
+                                   'scratch (measured: the official recipe, made for a pretrained encoder, stays at chance there). '
+                                   'A CLIP from a file: --clip-model ViT-B-32 --clip-weights FILE takes OpenAI\'s TorchScript .pt or a '
+                                   'state dict and builds OpenAI\'s QuickGELU network (--clip-activation gelu for GELU-trained weights). '
+                                   'The best epoch on a '
                                    'validation split (carved from the training rows if the dataset has none) is tested once. '
                                    'Writes checkpoints (models/checkpoints) and report/ (metrics.json, predictions.csv, '
                                    'confusion.png) into --out. Data-parallel in several processes: '
@@ -143,7 +149,12 @@ def _add_train(sub):
     p.add_argument('--size', type=_positive_int, default=None, help="input size in pixels (default: the method's)")
     p.add_argument('--n-frames', type=_positive_int, default=None, help='dferclip: frames per clip (default 16)')
     p.add_argument('--clip-model', default=None, help='open_clip architecture of the CLIP (default: the world CLIP shipped with emonb)')
-    p.add_argument('--clip-weights', default=None, help='local weights file of --clip-model')
+    p.add_argument('--clip-weights', default=None, help="local weights file of --clip-model: OpenAI's TorchScript .pt, a state dict (.pt/.pth/.bin/.safetensors) or a cached open_clip tag such as openai")
+    p.add_argument('--clip-activation', default=None, choices=('quickgelu', 'gelu'), help="activation of the CLIP in --clip-weights: quickgelu (OpenAI's CLIP, the papers'; the default for a plain state dict and always for OpenAI's TorchScript .pt files) or gelu (e.g. LAION's weights); a cached open_clip tag keeps its own")
+    p.add_argument('--variant', default=None, choices=('official', 'paper', 'emonb'),
+                   help="what to compute: the official code's forward, loss, inputs and recipe (default for kefer, expclip, dferclip, cocoer), "
+                        "the paper's equations where they differ (default for mlper, which has no official code), or emonb's own choices; "
+                        "each method's notebook has the table of differences")
     p.add_argument('--backbone', default=None, help="classifier/kefer: a timm ResNet name (default resnet18) or 'clip' for the CLIP's image tower")
     p.add_argument('--text-encoder', default=None, choices=('minilm', 'clip'), help='kefer: frozen text encoder of the class prototypes (default minilm)')
     p.add_argument('--teacher', default=None, help='expclip: folder of local BLIP-2 (Flan-T5) weights')
@@ -177,15 +188,18 @@ def _add_train(sub):
             if m not in ('classifier', 'kefer'): raise ValueError("--backbone is a classifier/kefer option (the other methods use --clip-model)")
             if a.backbone != 'clip': kw['arch'] = a.backbone
         wants_clip = m in ('expclip', 'dferclip', 'mlper', 'cocoer') or a.backbone == 'clip' or a.text_encoder == 'clip'
-        if wants_clip: clip = load_clip(a.clip_model, a.clip_weights, a.device or 'cpu')
-        elif a.clip_model or a.clip_weights: raise ValueError(f"--clip-model/--clip-weights: {m} uses a CLIP only with --backbone clip or --text-encoder clip")
+        if wants_clip: clip = load_clip(a.clip_model, a.clip_weights, a.device or 'cpu', activation=a.clip_activation)
+        elif a.clip_model or a.clip_weights or a.clip_activation: raise ValueError(f"--clip-model/--clip-weights/--clip-activation: {m} uses a CLIP only with --backbone clip or --text-encoder clip")
         if clip is not None and m in ('classifier', 'kefer') and a.backbone != 'clip': kw['visual_encoder'] = None
         if a.teacher is not None and m != 'expclip': raise ValueError("--teacher is an expclip option")
         df = read_training_table(a.dataset, a.root)
         _, met = train(m, df, a.out, clip=clip, epochs=a.epochs, bs=a.bs, lr=a.lr, seed=a.seed, device=a.device,
-                       valid_pct=a.valid_pct, overwrite=a.overwrite, progress=not a.no_progress, teacher=a.teacher, **kw)
+                       valid_pct=a.valid_pct, overwrite=a.overwrite, progress=not a.no_progress, teacher=a.teacher, variant=a.variant, **kw)
         if is_main_process():
-            print(f"{m} on {a.dataset}: test WAR {met['war']:.2%}  UAR {met['uar']:.2%}  (n={met['n']}); report in {a.out}/report"
+            r = met.get('run', {}); c = r.get('clip_checkpoint')
+            what = ', '.join(x for x in (f"variant {r['variant']}" if r.get('variant') else '',
+                                         f"CLIP {c['name']} ({c['activation']}) from {c['weights']}" if c else '') if x)
+            print(f"{m}{' (' + what + ')' if what else ''} on {a.dataset}: test WAR {met['war']:.2%}  UAR {met['uar']:.2%}  (n={met['n']}); report in {a.out}/report"
                   + (f"; model bundle {met['bundle']}" if met.get('bundle') else ''))
     p.set_defaults(run=run)
 
@@ -212,6 +226,7 @@ def _add_predict(sub):
     p.add_argument('--on-error', default='raise', choices=('raise', 'report'), help='an unreadable file stops the run (raise) or gets an error row (report)')
     p.add_argument('--person-detector', default='person', help="multi-level bundles (mlper, cocoer): 'person' (the shared YOLOv8n), a detector file, or 'none' (body estimated from the face)")
     p.add_argument('--clip-weights', default=None, help="a bundle saved without its frozen CLIP: that CLIP's local weights file")
+    p.add_argument('--clip-activation', default=None, choices=('quickgelu', 'gelu'), help="zeroshot with --clip-model: activation of the CLIP in --weights (default: quickgelu, OpenAI's CLIP; gelu for e.g. LAION's weights)")
     p.add_argument('--window', type=_positive_int, default=None, help='video bundles (dferclip): frames per sliding window (default: the whole video, TSN-sampled)')
     p.add_argument('--stride', type=_positive_int, default=None, help='video bundles: frames between windows (default: the window)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing output CSV')
@@ -223,7 +238,7 @@ def _add_predict(sub):
                      device=a.device, batch_size=a.batch_size, progress=not a.no_progress, frame_step=a.frame_step,
                      save_csv=a.out, no_face=a.no_face, on_error=a.on_error, clip_model=a.clip_model, prompts=a.prompts,
                      overwrite=a.overwrite, person_detector=None if a.person_detector == 'none' else a.person_detector,
-                     clip_weights=a.clip_weights, window=a.window, stride=a.stride)
+                     clip_weights=a.clip_weights, window=a.window, stride=a.stride, clip_activation=a.clip_activation)
         s = df.attrs.get('summary', {})
         faces = int(df['status'].isin(['face', 'whole']).sum()) if 'status' in df else len(df)
         print(f"{len(df)} row(s), {faces} face(s) classified from {s.get('images', '?')} image(s) and {s.get('videos', '?')} video(s); "
@@ -240,6 +255,7 @@ def _eval_options(p, zeroshot: bool):
     p.add_argument('--weights', default=None, help=('the CLIP weights file of --clip-model' if zeroshot else
                    'model bundle file or name in $EMONB_HOME/weights; for zeroshot with --clip-model: the CLIP weights'))
     p.add_argument('--clip-model', default=None, help='open_clip model name for zeroshot (default: the world CLIP)')
+    p.add_argument('--clip-activation', default=None, choices=('quickgelu', 'gelu'), help="with --clip-model: activation of the CLIP in --weights (default: quickgelu, OpenAI's CLIP; gelu for e.g. LAION's weights)")
     p.add_argument('--prompts', default='ensemble10', help='zeroshot prompt set name or one template with {} (default ensemble10)')
     p.add_argument('--detector', default='whole', help="'whole' (default: the images are faces), 'face' (the shared YOLOv8n-face) or a detector file")
     p.add_argument('--device', default='auto'); p.add_argument('--batch-size', type=_positive_int, default=32)
@@ -262,7 +278,8 @@ def _eval_options(p, zeroshot: bool):
         if a.synth_columns: df = synth_nuisance_columns(df)
         m = evaluate_dataset(df, method, a.weights, a.split, a.out,
                              None if a.detector == 'whole' else a.detector, a.device, a.batch_size, a.clip_model, a.prompts,
-                             progress=not a.no_progress, overwrite=a.overwrite, subsets=subsets, unknown=a.unknown_names)
+                             progress=not a.no_progress, overwrite=a.overwrite, subsets=subsets, unknown=a.unknown_names,
+                             clip_activation=a.clip_activation)
         dropped = m['run']['dropped_model_classes']
         print(f"{a.dataset} {a.split}: WAR {m['war']:.2%}  UAR {m['uar']:.2%}  (n={m['n']}"
               f"{'; model classes dropped: ' + ', '.join(dropped) if dropped else ''}); report in {a.out}")

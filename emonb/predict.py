@@ -23,7 +23,7 @@ from .data import (IMAGE_EXTS, NORMALIZATION_PRESETS, read_fer2013, read_rafdb, 
                         read_affectnet)
 from .evaluate import write_report, evaluate_predictions, cross_dataset_scores
 from .prompts import class_names, EXPCLIP_PROMPT_SETS
-from .encoders import ClipEncoder, default_device
+from .encoders import ClipEncoder, default_device, config_activation
 from .kefer import KeferModel, ClipImageTower, resnet_encoder
 from .baselines import ClipClassifier, zero_shot_logits
 from fastai.vision.models.xresnet import XResNet, ResBlock
@@ -110,8 +110,9 @@ def build_visual(visual: dict) -> nn.Module:
     if kind == 'clip': return ClipImageTower(random_clip(v['name']))
     raise ValueError(f"visual encoder kind must be 'timm' or 'clip', got {kind!r} in {visual}")
 
-def _build_kefer(visual: dict, n_classes: int, dim: int, neutral_index=None, hidden: int = 128, tau: float = 0.01) -> KeferModel:
-    return KeferModel(build_visual(visual), torch.zeros(n_classes, dim), neutral_index, hidden=hidden, tau=tau)
+def _build_kefer(visual: dict, n_classes: int, dim: int, neutral_index=None, hidden: int = 128, tau: float = 0.01,
+                 variant: str = 'official') -> KeferModel:
+    return KeferModel(build_visual(visual), torch.zeros(n_classes, dim), neutral_index, hidden=hidden, tau=tau, variant=variant)
 
 def _build_classifier(visual: dict, n_classes: int) -> nn.Module:
     if visual.get('kind') == 'timm': return build_visual({**visual, 'embed_dim': n_classes})
@@ -130,13 +131,14 @@ _ = register_method('quickstart', quickstart_network, doc='emonb.quickstart.smal
 
 # %% ../nbs/16_predict.ipynb #03e0d67a
 def clip_source(clip, weights=None, in_bundle: bool = True) -> dict:
-    "The `arch['clip']` of a bundle: the open_clip config of `clip` (a ClipEncoder or a name), where its pretrained weights are ('world' or a file), whether the bundle holds them."
+    "The `arch['clip']` of a bundle: the open_clip config of `clip` (a ClipEncoder or a name), its activation, where its pretrained weights are ('world' or a file), whether the bundle holds them."
     name = clip.name if isinstance(clip, ClipEncoder) else str(clip)
+    activation = clip.activation if isinstance(clip, ClipEncoder) else config_activation(name)
     if not name: raise ValueError("the ClipEncoder has no name (its open_clip config): pass clip_source('ViT-B-16', ...)")
     if weights is None and name == WORLD_CLIP: weights = 'world'
     if not in_bundle and weights is None:
         raise ValueError(f"a CLIP left out of the bundle needs the file it comes from: pass the weights file of {name!r}")
-    return dict(name=name, weights=None if weights is None else str(weights), in_bundle=bool(in_bundle))
+    return dict(name=name, activation=activation, weights=None if weights is None else str(weights), in_bundle=bool(in_bundle))
 
 def load_clip_source(clip: dict, device='cpu') -> ClipEncoder:
     "The pretrained CLIP a bundle names (`arch['clip']`), from local files only; the error names the exact file missing."
@@ -152,7 +154,8 @@ def load_clip_source(clip: dict, device='cpu') -> ClipEncoder:
         raise FileNotFoundError(f"the bundle needs the pretrained weights of CLIP {name!r} from the file {f}, which does not exist. "
                                 f"emonb never downloads: copy the file there, or pass load_bundle(..., clip_weights=PATH) "
                                 f"(predict(..., clip_weights=PATH)) with its path on this machine")
-    return ClipEncoder.from_pretrained(name, str(f), device=device)
+    # the activation the bundle's network was built with (bundles older than this record carry none: their config's own)
+    return ClipEncoder.from_pretrained(name, str(f), device=device, activation=clip.get('activation') or config_activation(name))
 
 def build_clip(clip: dict) -> ClipEncoder:
     "A bundle's CLIP: its config with random weights when the bundle holds them all, else the pretrained file (`load_clip_source`)."
@@ -621,7 +624,7 @@ def resolve_device(device='auto') -> torch.device:
     return torch.device(default_device() if device in (None, 'auto') else device)
 
 def make_predictor(method='zeroshot', weights=None, labels=None, device='auto', clip_model: str | None = None,
-                   prompts='ensemble10', ensemble: str = 'logits', clip_weights=None) -> Predictor:
+                   prompts='ensemble10', ensemble: str = 'logits', clip_weights=None, clip_activation: str | None = None) -> Predictor:
     "A `Predictor`: zero-shot CLIP (`method='zeroshot'`) or a trained model from a bundle (`'bundle'` or its method name)."
     if isinstance(method, Predictor): return method
     if isinstance(method, Bundle): return BundlePredictor(method, resolve_device(device))
@@ -636,7 +639,7 @@ def make_predictor(method='zeroshot', weights=None, labels=None, device='auto', 
             if weights is None:
                 raise ValueError(f"method='zeroshot' with clip_model={clip_model!r} needs weights=: a local weights file, or an open_clip "
                                  f"tag already in the local cache (a CLIP with random weights would predict nothing)")
-            clip = ClipEncoder.from_pretrained(clip_model, weights, device=dev)
+            clip = ClipEncoder.from_pretrained(clip_model, weights, device=dev, activation=clip_activation)
         return ZeroShotPredictor(clip, labels if labels is not None else 'basic7', prompts, ensemble, device=dev)
     if method != 'bundle' and method not in METHODS:
         raise ValueError(f"method must be 'zeroshot', 'bundle' or a registered method ({', '.join(METHODS)}), got {method!r}")
@@ -761,10 +764,11 @@ def _check_run_options(batch_size, frame_step, no_face, on_error, save_csv, over
 def predict(src, method='zeroshot', weights=None, labels=None, detector='face', device='auto', batch_size: int = 32,
             progress: bool = True, frame_step: int = 1, save_csv=None, no_face: str = 'row', on_error: str = 'raise',
             person_detector='person', clip_model: str | None = None, prompts='ensemble10', overwrite: bool = False,
-            face_margin: float | None = None, clip_weights=None, window: int | None = None, stride: int | None = None) -> pd.DataFrame:
+            face_margin: float | None = None, clip_weights=None, window: int | None = None, stride: int | None = None,
+            clip_activation: str | None = None) -> pd.DataFrame:
     "Emotion probabilities of every face in `src` (image, folder, video, in-memory image or a list): one row per face per frame (per clip window for video methods)."
     _check_run_options(batch_size, frame_step, no_face, on_error, save_csv, overwrite)
-    predictor = make_predictor(method, weights, labels, device, clip_model, prompts, clip_weights=clip_weights)
+    predictor = make_predictor(method, weights, labels, device, clip_model, prompts, clip_weights=clip_weights, clip_activation=clip_activation)
     if predictor.video:
         return predict_clips(src, predictor, detector=detector, batch_size=batch_size, progress=progress, frame_step=frame_step,
                              window=window, stride=stride, save_csv=save_csv, no_face=no_face, on_error=on_error,
@@ -1105,7 +1109,8 @@ def _timm_or_clip_visual(r: dict) -> dict:
     if name.endswith(' image tower'): return dict(kind='clip', name=name[:-len(' image tower')])
     import timm
     if name in timm.list_models():
-        return dict(kind='timm', arch=name, stem=r.get('stem', 'imagenet'), **(r.get('encoder_kw') or {}))
+        head = {'head': r['head']} if r.get('head') else {}      # KEFER's official face-embedding head, or one linear layer
+        return dict(kind='timm', arch=name, stem=r.get('stem', 'imagenet'), **head, **(r.get('encoder_kw') or {}))
     raise ValueError(f"the run's visual encoder {name!r} is not a timm model or a CLIP image tower: pass visual=dict(kind=..., ...)")
 
 def run_arch(r: dict, sd: dict, labels: LabelSet, clip=None, clip_in_bundle: bool = True, **overrides) -> tuple:
@@ -1120,7 +1125,8 @@ def run_arch(r: dict, sd: dict, labels: LabelSet, clip=None, clip_in_bundle: boo
         if method == 'kefer':
             arch = dict(visual={**visual, 'embed_dim': int(sd['prototypes'].shape[1])} if visual['kind'] == 'timm' else visual,
                         n_classes=len(labels), dim=int(sd['prototypes'].shape[1]),
-                        neutral_index=labels.index('neutral') if 'neutral' in labels.names else None, hidden=r.get('hidden', 128), tau=r.get('tau', 0.01))
+                        neutral_index=labels.index('neutral') if 'neutral' in labels.names else None, hidden=r.get('hidden', 128), tau=r.get('tau', 0.01),
+                        variant=r.get('variant') or 'emonb')     # runs older than the variants behaved as emonb's
         else: arch = dict(visual=visual, n_classes=len(labels))
         inp = input_spec(int(r['size']), 'RGB', r.get('normalize', 'imagenet'), 'crop', 'bilinear')
     elif method == 'mlper':
@@ -1136,6 +1142,7 @@ def run_arch(r: dict, sd: dict, labels: LabelSet, clip=None, clip_in_bundle: boo
         inp = input_spec(int(r['size']), 'RGB', 'clip', resize, 'bilinear', crops='boxes', context=r.get('context', 'whole'))
     elif method == 'cocoer':
         kw = {k: v for k, v in (r.get('model') or {}).items() if k != 'backbone_weights'}   # the bundle holds the trained backbones
+        kw.setdefault('variant', 'emonb')        # runs older than the variants were emonb's model
         arch = dict(clip=_run_clip(r, clip, clip_in_bundle), labels=labels.name, multi_label=bool(r['multi_label']), **kw)
         if sd.get('class_weights') is not None: arch['class_weights'] = sd['class_weights'].tolist()
         sizes = [int(r['size'])] * 3 if np.ndim(r['size']) == 0 else [int(s) for s in r['size']]
@@ -1143,7 +1150,9 @@ def run_arch(r: dict, sd: dict, labels: LabelSet, clip=None, clip_in_bundle: boo
                          level_sizes=dict(zip(LEVELS, sizes)))
         output = 'sigmoid' if r['multi_label'] else 'softmax'
     else:   # dferclip
-        arch = dict(clip=_run_clip(r, clip, clip_in_bundle), texts=list(r['texts']), n_frames=int(r['n_frames']), **(r.get('model') or {}))
+        model_kw = dict(r.get('model') or {})
+        model_kw.setdefault('variant', 'emonb' if 'temporal.norm.weight' in sd else 'official')   # runs older than the variants: emonb's model
+        arch = dict(clip=_run_clip(r, clip, clip_in_bundle), texts=list(r['texts']), n_frames=int(r['n_frames']), **model_kw)
         norm = r.get('normalize', 'clip model')
         stats = random_clip(arch['clip']['name']).image_mean_std if norm == 'clip model' else norm
         inp = input_spec(int(r['size']), 'RGB', stats, 'squash', 'bilinear', n_frames=int(r['n_frames']), pad='last')
@@ -1183,7 +1192,8 @@ def read_dataset(name: str, root) -> pd.DataFrame:
 
 def evaluate_dataset(df: pd.DataFrame, method='zeroshot', weights=None, split: str = 'test', out=None, detector=None,
                      device='auto', batch_size: int = 32, clip_model: str | None = None, prompts='ensemble10',
-                     progress: bool = False, overwrite: bool = False, subsets: dict | None = None, unknown: str = 'raise') -> dict:
+                     progress: bool = False, overwrite: bool = False, subsets: dict | None = None, unknown: str = 'raise',
+                     clip_activation: str | None = None) -> dict:
     "WAR / UAR (and a report folder `out`) of a zero-shot CLIP or a trained bundle on the `split` rows of a single-label sample table; `subsets` adds WAR / UAR per robustness subset."
     from emonb.evaluate import resolve_subsets, subset_metrics, subsets_json
     if 'split' not in df or 'label' not in df or 'path' not in df:
@@ -1193,7 +1203,8 @@ def evaluate_dataset(df: pd.DataFrame, method='zeroshot', weights=None, split: s
     # subsets (list files, names, by_column of the table, masks) are resolved before predicting: a bad list fails fast
     sub = resolve_subsets(subsets, items=list(rows.path), samples=rows, unknown=unknown) if subsets is not None else None
     test_labels = label_set(df.attrs.get('label_set') or rows.dataset.iloc[0])
-    predictor = make_predictor(method, weights, test_labels if method == 'zeroshot' else None, device, clip_model, prompts)
+    predictor = make_predictor(method, weights, test_labels if method == 'zeroshot' else None, device, clip_model, prompts,
+                               clip_activation=clip_activation)
     pred = predict(list(rows.path), predictor, detector=detector, batch_size=batch_size, progress=progress, no_face='whole')
     first = pred[pred.face == 0].reset_index(drop=True)      # one prediction per image: the main (first, left-most) face
     if len(first) != len(rows): raise RuntimeError(f"{len(rows)} images but {len(first)} predictions")
@@ -1201,6 +1212,7 @@ def evaluate_dataset(df: pd.DataFrame, method='zeroshot', weights=None, split: s
     scores = first[list(model_labels.names)].to_numpy(float)
     scores, dropped, absent = cross_dataset_scores(scores, model_labels, test_labels)
     run = dict(method=method if isinstance(method, str) else type(method).__name__, weights=str(weights) if weights else None,
+               clip=getattr(getattr(predictor, 'clip', None), 'describe', lambda: None)(),
                split=split, model_labels=model_labels.name, test_labels=test_labels.name, dropped_model_classes=dropped,
                detector=detector if isinstance(detector, (str, type(None))) else type(detector).__name__,
                no_face_frames=int(pred.attrs.get('summary', {}).get('no_face_frames', 0)))
