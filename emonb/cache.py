@@ -12,7 +12,7 @@ import torch, torch.nn.functional as F
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader, _loaders
 from fastai.torch_core import TensorBase, TensorImage, TensorCategory, TensorMultiCategory, to_device, default_device
-from fastai.vision.all import Transform, ItemTransform, Pipeline, IntToFloatTensor, Resize, PILImage
+from fastai.vision.all import Transform, ItemTransform, Pipeline, IntToFloatTensor, Normalize, Resize, PILImage
 from .core import LEVELS, label_set, emonb_home, atomic_write_json, atomic_write_text
 from .data import (IMAGE_EXTS, NORMALIZATION_PRESETS, DataError, TensorClip, ClipToFloat, LevelCrop, load_image, parse_box,
                         tsn_indices, train_val_rows, multi_hot, normalization, augmentation, TSN_SAMPLINGS,
@@ -22,7 +22,8 @@ from .data import (IMAGE_EXTS, NORMALIZATION_PRESETS, DataError, TensorClip, Cli
 __all__ = ['CACHE_FORMAT', 'MANIFEST', 'RESIZE_METHODS', 'CacheError', 'StaleCacheError', 'cache_fingerprints', 'read_manifest',
            'build_clip_cache', 'ClipCache', 'ClipCropFlip', 'ClipAugment', 'ClipItems', 'LevelItems', 'CacheDataLoader',
            'CachedDataLoaders', 'cached_clip_dataloaders', 'level_windows', 'build_level_cache', 'LevelCache',
-           'cached_multilevel_dataloaders', 'loader_throughput']
+           'cached_multilevel_dataloaders', 'loader_throughput', 'build_image_cache', 'ImageCache', 'SmallImageAugment',
+           'EraseBatch', 'TensorItems', 'TensorBatchLoader', 'SmallImageDataLoaders', 'small_image_dataloaders']
 
 # %% ../nbs/04a_cache.ipynb #a3833bb5
 CACHE_FORMAT = 'emonb.cache/1'
@@ -504,6 +505,7 @@ def loader_throughput(dl, n_batches: int = 20, warmup: int = 2, raw: bool = Fals
         finally: dl.after_batch = saved
     def count(b):   # (frames, uint8 bytes) of a batch
         x = b[0]
+        if x.ndim == 4 and b[1].ndim < 4: return x.shape[0], x.numel()   # single images
         if x.ndim == 5: return x.shape[0] * x.shape[1], x.numel()
         return sum(t.shape[0] for t in b[:3]), sum(t.numel() for t in b[:3])
     sync = (lambda: torch.cuda.synchronize()) if torch.cuda.is_available() else (lambda: None)
@@ -518,3 +520,161 @@ def loader_throughput(dl, n_batches: int = 20, warmup: int = 2, raw: bool = Fals
         f, m = count(batch()); n += f; nbytes += m
     sync(); dt = time.perf_counter() - t0
     return dict(frames_per_s=n / dt, mb_per_s=nbytes / dt / 1e6, frames=n, seconds=dt)
+
+# %% ../nbs/04a_cache.ipynb #138423a6
+class _SmallImages:
+    "Picklable decoder of image i: `mode` ('L' or 'RGB'), resized to `size` x `size` when it is not already."
+    def __init__(self, paths, size, mode): self.paths, self.size, self.mode = paths, size, mode
+    def __call__(self, i):
+        p = self.paths[i]
+        try: im = load_image(p).convert(self.mode)
+        except Exception as e:
+            raise DataError(f"cannot read image {p}: {type(e).__name__}: {e}. Leave out or repair such samples with "
+                            f"emonb.data.check_images (policy='skip' or 'repair') and build the cache from the table it returns") from None
+        if im.size != (self.size, self.size): im = im.resize((self.size, self.size), Image.BILINEAR)
+        a = np.asarray(im, dtype=np.uint8)
+        return a[..., None] if a.ndim == 2 else a
+
+def _image_samples(df: pd.DataFrame) -> pd.DataFrame:
+    "One row per distinct image path of `df` (key = path); every file must exist."
+    if 'path' not in df.columns: raise ValueError("the sample table has no 'path' column")
+    if len(df) == 0: raise ValueError("the sample table is empty")
+    keys = list(dict.fromkeys(str(p) for p in df.path))
+    missing = [p for p in keys if not Path(p).is_file()]
+    if missing: raise FileNotFoundError(f"{len(missing)} image(s) do not exist, e.g. {missing[0]} (check_images reports these)")
+    return pd.DataFrame(dict(key=keys))
+
+def _path_stamps(samples) -> list: return [f'{s.st_size}:{s.st_mtime_ns}' for p in samples.key for s in [Path(p).stat()]]
+
+def build_image_cache(df: pd.DataFrame, folder=None, size: int = 48, mode: str = 'L', rebuild: str = 'auto', verify: bool = True,
+                      num_workers: int = 0, progress: bool = False) -> 'ImageCache':
+    "Decode every image of `df` once (as `mode` 'L' or 'RGB', resized to `size`) into `folder/images.npy` (N x S x S x C uint8); reuse a matching cache, rebuild (or refuse) a stale one."
+    if mode not in ('L', 'RGB'): raise ValueError(f"mode must be 'L' or 'RGB', got {mode!r}")
+    if not isinstance(size, int) or size < 8: raise ValueError(f"size must be an integer >= 8, got {size!r}")
+    settings = dict(size=size, mode=mode, resample='bilinear')
+    samples, c = _image_samples(df), 1 if mode == 'L' else 3
+    def write(tmp: Path):
+        mm = np.lib.format.open_memmap(tmp/'images.npy', mode='w+', dtype=np.uint8, shape=(len(samples), size, size, c))
+        t0 = time.time()
+        for k, (i, arr) in enumerate(_decode_all(len(samples), _SmallImages(list(samples.key), size, mode), num_workers)):
+            mm[i] = arr
+            if progress and (k + 1) % 5000 == 0: print(f"{k + 1}/{len(samples)} images, {time.time() - t0:.0f} s")
+        mm.flush(); del mm
+        atomic_write_text(tmp/'index.csv', samples[['key', 'stamp']].to_csv(index=False))
+        atomic_write_json(tmp/MANIFEST, _manifest('images', settings, samples, shape=[len(samples), size, size, c],
+                                                  seconds=round(time.time() - t0, 1)))
+    return ImageCache(_prepare(folder, 'images', settings, samples, rebuild, verify, write, _path_stamps))
+
+class ImageCache(_BuiltCache):
+    "A built small-image cache: `images` (memory-mapped, N x S x S x C uint8), looked up by path."
+    kind = 'images'
+    @property
+    def size(self) -> int: return self.manifest['settings']['size']
+    @property
+    def mode(self) -> str: return self.manifest['settings']['mode']
+    @property
+    def images(self) -> np.ndarray: return np.load(self.folder/'images.npy', mmap_mode='r')
+    def positions(self, df: pd.DataFrame) -> np.ndarray:
+        "Row of each sample of `df` in the cache (an error names the first path it does not hold)."
+        try: return np.array([self._pos[str(p)] for p in df.path], dtype=np.int64)
+        except KeyError as e: raise KeyError(f"image {e.args[0]} is not in the cache {self.folder}: build the cache from this table") from None
+    def tensor(self, pos=None, device='cpu') -> torch.Tensor:
+        "The images at rows `pos` (all by default) as one uint8 tensor N x C x S x S on `device`, read once."
+        a = self.images if pos is None else self.images[np.asarray(pos)]
+        return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous().to(device)
+    def __repr__(self): return f"ImageCache({self.folder}, {len(self)} images of {self.size}px, mode {self.mode})"
+
+# %% ../nbs/04a_cache.ipynb #7df8d669
+class SmallImageAugment(Transform):
+    "Training augmentation of a batch of small images on its device, no per-image Python: random rotation (±`rotate`°), reflect-padded random crop (`pad` px), horizontal flip (p 0.5); random erasing (`erase` p, 2–25% of the area, zeros after normalisation) is `EraseBatch`."
+    split_idx, order = 0, 5
+    def __init__(self, pad: int = 4, flip: bool = True, rotate: float = 0.): self.pad, self.flip, self.rotate = int(pad), flip, float(rotate)
+    def encodes(self, x: TensorImage):
+        b, _, h, w = x.shape
+        if self.rotate:
+            a = (torch.rand(b, device=x.device) * 2 - 1) * math.radians(self.rotate)
+            cos, sin, z = a.cos(), a.sin(), torch.zeros_like(a)
+            theta = torch.stack([torch.stack([cos, -sin, z], 1), torch.stack([sin, cos, z], 1)], 1).to(x.dtype)
+            x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode='bilinear',
+                              padding_mode='reflection', align_corners=False)
+        if self.pad:
+            p = self.pad
+            xp = F.pad(x, (p, p, p, p), mode='reflect')
+            oy, ox = (torch.randint(0, 2 * p + 1, (b,), device=x.device) for _ in range(2))
+            rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]
+            cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]
+            x = xp[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+        if self.flip: x = torch.where((torch.rand(b, device=x.device) < 0.5)[:, None, None, None], x.flip(-1), x)
+        return TensorImage(x.contiguous())
+
+class EraseBatch(Transform):
+    "Random erasing on a normalised batch: with probability `p` a rectangle of `scale` of the area and aspect `ratio` is set to 0 (the mean)."
+    split_idx, order = 0, 20
+    def __init__(self, p: float = 0.5, scale=(0.02, 0.25), ratio=(0.3, 3.3)): self.p, self.scale, self.ratio = p, scale, ratio
+    def encodes(self, x: TensorImage):
+        b, _, h, w = x.shape; dev = x.device
+        area = h * w * torch.empty(b, device=dev).uniform_(*self.scale)
+        r = torch.exp(torch.empty(b, device=dev).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1])))
+        eh = (area * r).sqrt().round().clamp(1, h); ew = (area / r).sqrt().round().clamp(1, w)
+        y0 = (torch.rand(b, device=dev) * (h - eh + 1)).floor(); x0 = (torch.rand(b, device=dev) * (w - ew + 1)).floor()
+        ys, xs = torch.arange(h, device=dev)[None, :, None], torch.arange(w, device=dev)[None, None, :]
+        box = (ys >= y0[:, None, None]) & (ys < (y0 + eh)[:, None, None]) & (xs >= x0[:, None, None]) & (xs < (x0 + ew)[:, None, None])
+        on = (torch.rand(b, device=dev) < self.p)[:, None, None]
+        return TensorImage(x.masked_fill((box & on)[:, None], 0.))
+
+class TensorItems:
+    "Images (N x C x S x S uint8) and targets as tensors, gathered a batch at a time by index (`batch(idx)`), on one device."
+    def __init__(self, x: torch.Tensor, y: torch.Tensor): self.x, self.y = x, y
+    def __len__(self): return len(self.x)
+    def __getitem__(self, i): return self.x[i], self.y[i]
+    def batch(self, idx: torch.Tensor) -> tuple:
+        idx = idx.to(self.x.device)
+        return TensorImage(self.x[idx]), TensorCategory(self.y[idx])
+    def to(self, device): return TensorItems(self.x.to(device), self.y.to(device))
+    def new(self, x, y): return TensorItems(x, y)
+
+class TensorBatchLoader(DataLoader):
+    "fastai DataLoader over `TensorItems`: each batch is one index gather on the device, then `after_batch` (float, normalisation, augmentation) runs there."
+    def __iter__(self):
+        self.randomize(); self.before_iter()
+        idxs = torch.as_tensor(list(self.get_idxs()), dtype=torch.long)
+        stop = len(idxs) - len(idxs) % self.bs if self.drop_last else len(idxs)
+        for i in range(0, stop, self.bs): yield self.after_batch(self.dataset.batch(idxs[i:i + self.bs]))
+        self.after_iter()
+    def to(self, device):
+        super().to(device); self.dataset = self.dataset.to(device); return self
+
+class SmallImageDataLoaders(DataLoaders):
+    "The train/valid `TensorBatchLoader`s of a table and its `ImageCache`; `test_dl(rows)` serves other cached rows with the validation transforms."
+    def __init__(self, *loaders, path='.', device=None, cache=None, labels=None):
+        super().__init__(*loaders, path=path, device=device)
+        self.cache, self.labels = cache, labels
+    def test_dl(self, rows: pd.DataFrame, with_labels: bool = False, **kw):
+        "A DataLoader over `rows` (all in the cache) with the validation transforms (targets -1 without labels)."
+        y = torch.as_tensor(_targets(rows, self.labels, False) if with_labels else np.full(len(rows), -1))
+        items = TensorItems(self.cache.tensor(self.cache.positions(rows), self.device), y.to(self.device))
+        return self.valid.new(items, shuffle=False, drop_last=False, **kw)
+
+def small_image_dataloaders(df: pd.DataFrame, cache=None, bs: int = 256, normalize='half', augment: bool = True, pad: int = 4,
+                            rotate: float = 0., erase: float = 0.5, labels=None, device=None, **build_kw) -> SmallImageDataLoaders:
+    "DataLoaders of a small-image table (FER2013, ...) from an `ImageCache` (built from `df` when not given): the train and val images live on `device` as uint8, batches are gathered and augmented there (`SmallImageAugment`, `EraseBatch`). `normalize`: 'half' (mean = std = 0.5), a preset of emonb.data, or (mean, std)."
+    cache = cache if isinstance(cache, ImageCache) else build_image_cache(df, cache, **build_kw)
+    device = default_device() if device is None else torch.device(device)
+    labels = label_set(labels or df.attrs.get('label_set'))
+    c = 1 if cache.mode == 'L' else 3
+    stats = ((0.5,) * c, (0.5,) * c) if normalize == 'half' else NORMALIZATION_PRESETS[normalize] if isinstance(normalize, str) else normalize
+    if isinstance(normalize, str) and normalize != 'half' and normalize not in NORMALIZATION_PRESETS:
+        raise ValueError(f"normalize must be 'half', one of {list(NORMALIZATION_PRESETS)} or (mean, std), got {normalize!r}")
+    if stats is not None and (len(stats[0]) != c or len(stats[1]) != c):
+        raise ValueError(f"the cache holds {c}-channel images but normalize has {len(stats[0])} mean values: {stats}")
+    norm = [] if stats is None else [Normalize.from_stats(*stats, cuda=False)]
+    tv = train_val_rows(df)
+    trn, val = tv[~tv.is_valid].reset_index(drop=True), tv[tv.is_valid].reset_index(drop=True)
+    mk = lambda rows: TensorItems(cache.tensor(cache.positions(rows), device), torch.as_tensor(_targets(rows, labels, False), device=device))
+    aug = [SmallImageAugment(pad, True, rotate)] if augment else []
+    era = [EraseBatch(erase)] if augment and erase else []
+    pipes = [Pipeline([IntToFloatTensor()] + aug + norm + era, split_idx=0), Pipeline([IntToFloatTensor()] + norm, split_idx=1)]
+    dls = [TensorBatchLoader(mk(trn), bs=bs, shuffle=True, drop_last=len(trn) > bs, after_batch=pipes[0], device=device),
+           TensorBatchLoader(mk(val), bs=bs, shuffle=False, drop_last=False, after_batch=pipes[1], device=device)]
+    for dl in dls: dl.to(device)   # the normalisation statistics too
+    return SmallImageDataLoaders(*dls, device=device, cache=cache, labels=labels)

@@ -15,20 +15,20 @@ import torch
 from fastai.vision.all import (DataBlock, TransformBlock, CategoryBlock, MultiCategoryBlock, ColSplitter, PILImage,
                                IntToFloatTensor, Normalize, Resize, RandomResizedCrop, Flip, Rotate, Brightness,
                                Contrast, Saturation, RandomErasing, TensorBase, Transform, imagenet_stats)
-from .core import LabelSet, label_set, emonb_home, atomic_write_text, atomic_write_bytes
+from .core import LabelSet, label_set, canonical_name, EMOTIONS, LABEL_SETS, register_label_set, emonb_home, atomic_write_text, atomic_write_bytes
 
 # %% auto #0
 __all__ = ['SAMPLE_COLUMNS', 'SPLITS', 'IMAGE_EXTS', 'POLICIES', 'PROBLEM_COLUMNS', 'FER2013_SPLITS', 'FERPLUS_VOTES',
            'FERPLUS_FOLDERS', 'DFER_CLIP_SPLIT_FILES', 'CLIP_STATS', 'NORMALIZATION_PRESETS', 'AUGMENTATION_PRESETS',
            'TSN_SAMPLINGS', 'CLIP_BRIGHTNESS', 'CLIP_ROTATION', 'CLIP_AUGMENTATIONS', 'DataError', 'ProblemReport',
            'problem_report', 'class_counts', 'read_class_folders', 'extract_archive', 'read_fer2013',
-           'read_fer2013_csv', 'read_caer_s', 'read_fedro', 'read_rafdb', 'class_balanced_weights', 'read_affectnet',
-           'ferplus_majority', 'read_ferplus', 'read_ckplus', 'read_emotic', 'multi_hot', 'read_split_file',
-           'read_dfer_clip_splits', 'read_dfew', 'read_afew', 'read_mafw', 'read_ferv39k', 'check_frames', 'load_image',
-           'check_images', 'split_validation', 'normalization', 'augmentation', 'train_val_rows', 'target_block',
-           'image_dataloaders', 'split_dataloader', 'parse_box', 'LevelCrop', 'multilevel_dataloaders', 'tsn_indices',
-           'clip_augment_params', 'augment_clip', 'TensorClip', 'LoadClip', 'ClipToFloat', 'LoadTrainClip',
-           'LoadEvalClip', 'clip_dataloaders', 'join_boxes']
+           'read_fer2013_csv', 'read_caer_s', 'read_fedro', 'emotion_folder_labels', 'read_emotion_folders',
+           'read_rafdb', 'class_balanced_weights', 'read_affectnet', 'ferplus_majority', 'read_ferplus', 'read_ckplus',
+           'read_emotic', 'multi_hot', 'read_split_file', 'read_dfer_clip_splits', 'read_dfew', 'read_afew',
+           'read_mafw', 'read_ferv39k', 'check_frames', 'load_image', 'check_images', 'split_validation',
+           'normalization', 'augmentation', 'train_val_rows', 'target_block', 'image_dataloaders', 'split_dataloader',
+           'parse_box', 'LevelCrop', 'multilevel_dataloaders', 'tsn_indices', 'clip_augment_params', 'augment_clip',
+           'TensorClip', 'LoadClip', 'ClipToFloat', 'LoadTrainClip', 'LoadEvalClip', 'clip_dataloaders', 'join_boxes']
 
 # %% ../nbs/02_data.ipynb #6afa31db
 SAMPLE_COLUMNS = ('dataset', 'path', 'label', 'label_name', 'split', 'fold', 'subset')
@@ -154,11 +154,19 @@ def extract_archive(archive, dest=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True); raise
     return dest
 
-def read_fer2013(path, policy: str = 'raise') -> pd.DataFrame:
-    "FER2013 from its image archive or extracted folder (`Training/`, `PublicTest/`, `PrivateTest/` class folders)."
+def read_fer2013(path, policy: str = 'raise', test_split: str = None, valid_pct: float = 0.1, seed: int = 0) -> pd.DataFrame:
+    "FER2013 from its image archive or extracted folder (`Training/`, `PublicTest/`, `PrivateTest/` class folders). Default: PublicTest validates, PrivateTest tests. `test_split='PublicTest'` (or 'PrivateTest') tests on that folder and validates on a seeded stratified `valid_pct` of Training."
     path = Path(path)
     root = extract_archive(path) if path.is_file() else path
-    return read_class_folders(root, 'fer2013', FER2013_SPLITS, dataset='fer2013', policy=policy)
+    if test_split is None: return read_class_folders(root, 'fer2013', FER2013_SPLITS, dataset='fer2013', policy=policy)
+    found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if test_split not in ('PublicTest', 'PrivateTest') or not (root/test_split).is_dir():
+        raise ValueError(f"fer2013: test split {test_split!r} not found in {root}; the split folders there: {found} "
+                         f"(test_split must be PublicTest or PrivateTest; Training is for training)")
+    df = read_class_folders(root, 'fer2013', {'Training': 'train', test_split: 'test'}, dataset='fer2013', policy=policy)
+    out = split_validation(df, valid_pct, seed)
+    out.attrs = dict(df.attrs)
+    return out
 
 # %% ../nbs/02_data.ipynb #95056c3e
 def read_fer2013_csv(csv, image_dir=None, policy: str = 'raise') -> pd.DataFrame:
@@ -195,6 +203,35 @@ def read_caer_s(root, policy: str = 'raise') -> pd.DataFrame:
 def read_fedro(root, policy: str = 'raise') -> pd.DataFrame:
     "FED-RO: a test-only set of faces with real occlusions, in `<class>/` folders."
     return read_class_folders(root, 'fedro', {'.': 'test'}, dataset='fedro', policy=policy)
+
+# %% ../nbs/02_data.ipynb #bc312450
+def emotion_folder_labels(folder_names, labels=None) -> LabelSet:
+    "The label set of class folders named `folder_names` (emotion names in any spelling): `labels` if given (each folder must be one of its classes), else the registered set with exactly these classes, else a new set 'folders' of them."
+    canon = {}
+    for n in folder_names:
+        try: canon[n] = canonical_name(n)
+        except ValueError: raise ValueError(f"class folder {n!r} is not an emotion name (known: {', '.join(EMOTIONS)})") from None
+    if labels is not None:
+        ls = label_set(labels)
+        bad = [n for n, c in canon.items() if c not in ls.names]
+        if bad: raise ValueError(f"class folder(s) {bad} are not classes of {ls.name!r}: {list(ls.names)}")
+        return ls
+    wanted = set(canon.values())
+    for ls in LABEL_SETS.values():
+        if set(ls.names) == wanted: return ls
+    order = [e for e in EMOTIONS if e in wanted]
+    return LabelSet('folders_' + '_'.join(order), tuple(order), tuple(next(n for n, c in canon.items() if c == e) for e in order),
+                    description='the classes of a folder dataset')
+
+def read_emotion_folders(root, labels=None, split: str = 'test', policy: str = 'raise') -> pd.DataFrame:
+    "A dataset of class folders `root/<emotion>/<image>` (any spellings: `happy`, `anger`, CK+'s `sadness`, ...), every image in `split`; its label set is `emotion_folder_labels` of the folder names."
+    root = Path(root)
+    if not root.is_dir(): raise FileNotFoundError(f"folder dataset {root} does not exist")
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
+    if not names: raise ValueError(f"{root} has no class folders (expected {root}/<emotion>/<image>)")
+    ls = emotion_folder_labels(names, labels)
+    if ls.name not in LABEL_SETS: register_label_set(ls)   # by its classes: label_set(df.attrs['label_set']) finds it
+    return read_class_folders(root, ls, {'.': split}, dataset='folders', policy=policy, require_all_classes=labels is not None)
 
 # %% ../nbs/02_data.ipynb #5b992d48
 def read_rafdb(root, aligned: bool = True, policy: str = 'raise') -> pd.DataFrame:

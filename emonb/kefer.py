@@ -30,8 +30,8 @@ from .learner import TrainConfig, make_learner, fit, load_best
 from .evaluate import write_report
 
 # %% auto #0
-__all__ = ['KEFER_OFFICIAL_TEMPLATE', 'KEFER_OFFICIAL_AUGMENT', 'KEFER_VARIANTS', 'KEFER_HEADS', 'KEFER_BATCH_SIZE',
-           'KEFER_LR_STEPS', 'kefer_variant', 'kefer_texts', 'clip_temperature', 'text_prototypes',
+__all__ = ['KEFER_OFFICIAL_TEMPLATE', 'KEFER_OFFICIAL_AUGMENT', 'KEFER_VARIANTS', 'KEFER_HEADS', 'RESNET_STEMS',
+           'KEFER_BATCH_SIZE', 'KEFER_LR_STEPS', 'kefer_variant', 'kefer_texts', 'clip_temperature', 'text_prototypes',
            'face_embedding_head', 'resnet_encoder', 'encoder_head', 'ClipImageTower', 'KeferModel', 'KeferLogits',
            'Float32Loss', 'kefer_config', 'kefer_official_lr', 'EpochwiseLR', 'lr_step_callbacks', 'PadRandomCrop',
            'TorchFlip', 'erasing_box', 'ZeroErasing', 'kefer_official_transforms', 'kefer_dataloaders',
@@ -89,18 +89,20 @@ def face_embedding_head(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim, eps=2e-5),
                          nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, eps=2e-5))
 
+RESNET_STEMS = ('imagenet', 'cifar', 'small')
+
 def resnet_encoder(arch: str = 'resnet18', embed_dim: int = 384, in_chans: int = 3, stem: str = 'imagenet',
                    weights=None, head: str = 'linear', **kw) -> TimmImageEncoder:
-    "A timm ResNet + a projection to `embed_dim` (`head`: 'linear' or 'face_embedding'); `stem='cifar'`: a 3x3 stride-1 first conv and no max-pool (small images)."
-    if stem not in ('imagenet', 'cifar'): raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+    "A timm ResNet + a projection to `embed_dim` (`head`: 'linear' or 'face_embedding'); `stem='cifar'`: a 3x3 stride-1 first conv and no max-pool (small images); `stem='small'`: the stride-2 first conv without the max-pool (small images on a CPU)."
+    if stem not in RESNET_STEMS: raise ValueError(f"stem must be one of {RESNET_STEMS}, got {stem!r}")
     if head not in KEFER_HEADS: raise ValueError(f"head must be one of {KEFER_HEADS}, got {head!r}")
     enc = TimmImageEncoder(arch, embed_dim=embed_dim, weights=weights, in_chans=in_chans, **kw)
     if head == 'face_embedding': enc.proj = face_embedding_head(enc.backbone.num_features, embed_dim)
-    if stem == 'cifar':
+    if stem in ('cifar', 'small'):
         b = enc.backbone
         if not (isinstance(getattr(b, 'conv1', None), nn.Conv2d) and hasattr(b, 'maxpool')):
-            raise ValueError(f"stem='cifar' needs a timm ResNet with a single conv1 and a maxpool; {arch!r} has none")
-        b.conv1 = nn.Conv2d(in_chans, b.conv1.out_channels, 3, 1, 1, bias=False)
+            raise ValueError(f"stem={stem!r} needs a timm ResNet with a single conv1 and a maxpool; {arch!r} has none")
+        if stem == 'cifar': b.conv1 = nn.Conv2d(in_chans, b.conv1.out_channels, 3, 1, 1, bias=False)
         b.maxpool = nn.Identity()
     return enc
 
