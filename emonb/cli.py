@@ -163,10 +163,31 @@ def _add_train(sub):
     p.add_argument('--cache', nargs='?', const=True, default=None, metavar='FOLDER',
                    help='dferclip, mlper, cocoer: read frames / face-body-context crops from a memory-mapped uint8 cache, built once '
                         '(in FOLDER, or under $EMONB_HOME/cache without one) and rebuilt when the table or the files change')
+    p.add_argument('--test-split', default=None, choices=('PublicTest', 'PrivateTest'),
+                   help='fer2013: test once on this folder and validate on a stratified --valid-pct of Training '
+                        '(default: PublicTest validates, PrivateTest tests; the shared archive has no PrivateTest)')
+    p.add_argument('--preset', default=None, choices=('cpu', 'gpu'),
+                   help='fer2013, classifier or kefer: the small-image fast path with a FER2013 recipe (emonb.train.FER2013_PRESETS): '
+                        'cpu = a half-width ResNet-18 in about 25 minutes on 2 cores, gpu = the reference CIFAR-style ResNet-18, 60 epochs')
+    p.add_argument('--n-train', type=_positive_int, default=None, help='--preset runs: train on a stratified N of the training rows')
+    p.add_argument('--threads', type=_positive_int, default=None, help="torch's CPU threads (default: torch's choice; on a busy 2-core machine 1 can be faster)")
     p.add_argument('--overwrite', action='store_true', help='replace the contents of an existing output folder')
     p.add_argument('--no-progress', action='store_true', help='hide the progress bars and training log')
     def run(a):
-        from emonb.train import train, read_training_table, load_clip
+        from emonb.train import train, read_training_table, load_clip, train_fer2013
+        import torch
+        if a.threads is not None: torch.set_num_threads(a.threads)
+        if a.test_split is not None and a.dataset != 'fer2013': raise ValueError("--test-split is a fer2013 option")
+        if a.preset is not None or a.n_train is not None:
+            if a.dataset != 'fer2013' or a.method not in ('classifier', 'kefer'):
+                raise ValueError("--preset and --n-train are for --dataset fer2013 with the classifier or kefer")
+            from emonb.data import read_fer2013
+            df = read_fer2013(a.root, test_split=a.test_split or 'PublicTest', valid_pct=a.valid_pct, seed=a.seed or 0)
+            _, met = train_fer2013(df, a.out, preset=a.preset or 'cpu', method=a.method, epochs=a.epochs, lr=a.lr, n_train=a.n_train,
+                                   device=a.device, overwrite=a.overwrite, progress=not a.no_progress)
+            print(f"{a.method} (fer2013 preset {a.preset or 'cpu'}) on fer2013: test WAR {met['war']:.2%}  UAR {met['uar']:.2%}  (n={met['n']}); "
+                  f"report in {a.out}/report; model bundle {a.out}/model.safetensors")
+            return
         from emonb.core import is_main_process
         m = a.method
         kw = {}
@@ -192,7 +213,10 @@ def _add_train(sub):
         elif a.clip_model or a.clip_weights or a.clip_activation: raise ValueError(f"--clip-model/--clip-weights/--clip-activation: {m} uses a CLIP only with --backbone clip or --text-encoder clip")
         if clip is not None and m in ('classifier', 'kefer') and a.backbone != 'clip': kw['visual_encoder'] = None
         if a.teacher is not None and m != 'expclip': raise ValueError("--teacher is an expclip option")
-        df = read_training_table(a.dataset, a.root)
+        if a.test_split is not None:
+            from emonb.data import read_fer2013
+            df = read_fer2013(a.root, test_split=a.test_split, valid_pct=a.valid_pct, seed=a.seed or 0)
+        else: df = read_training_table(a.dataset, a.root)
         _, met = train(m, df, a.out, clip=clip, epochs=a.epochs, bs=a.bs, lr=a.lr, seed=a.seed, device=a.device,
                        valid_pct=a.valid_pct, overwrite=a.overwrite, progress=not a.no_progress, teacher=a.teacher, variant=a.variant, **kw)
         if is_main_process():
@@ -205,19 +229,21 @@ def _add_train(sub):
 
 def _add_predict(sub):
     p = sub.add_parser('predict', help='emotion probabilities of every face in images, folders or videos, as a CSV table',
-                       description='Detect faces (the shared YOLOv8n-face by default, or --detector whole for images that are '
-                                   'already faces), classify each with a zero-shot CLIP (default: the synthetic world\'s CLIP '
-                                   'shipped with emonb) or a saved emonb model bundle (--method bundle --weights FILE), and '
+                       description='Detect faces (YuNet, shipped with emonb, by default; --detector yolo for the shared '
+                                   'YOLOv8n-face, or --detector whole for images that are already faces), classify each with '
+                                   'emonb\'s shipped FER2013 expression model (default), a zero-shot CLIP (--method zeroshot; '
+                                   'without --clip-model the synthetic world\'s CLIP, for the synthetic world only) or a saved '
+                                   'emonb model bundle (--method bundle --weights FILE), and '
                                    'write one row per face per frame: file, frame, face, status, box, detector confidence, one '
                                    'probability column per class, top class. A summary JSON is written beside the CSV.')
     p.add_argument('src', nargs='+', help='image files, folders (searched recursively) or video files')
     p.add_argument('--out', required=True, help='CSV file to write (its summary goes to the .json beside it)')
-    p.add_argument('--method', default='zeroshot', help="'zeroshot' (default) or 'bundle' (a model bundle file in --weights, e.g. the model.safetensors of an emonb train run: kefer, classifier, dferclip, mlper, cocoer)")
+    p.add_argument('--method', default='default', help="'default' (emonb's shipped FER2013 model for real faces), 'zeroshot', or 'bundle' (a model bundle file in --weights, e.g. the model.safetensors of an emonb train run: kefer, classifier, dferclip, mlper, cocoer)")
     p.add_argument('--weights', default=None, help='model bundle file or name in $EMONB_HOME/weights; for zeroshot with --clip-model: the CLIP weights file')
     p.add_argument('--labels', default=None, help='label set of the classes for zeroshot (default: the 7 basic emotions)')
     p.add_argument('--clip-model', default=None, help='open_clip model name for zeroshot (default: the world CLIP)')
     p.add_argument('--prompts', default='ensemble10', help='zeroshot prompt set name or one template with {} (default ensemble10)')
-    p.add_argument('--detector', default='face', help="'face' (shared YOLOv8n-face), 'whole' (each image is one face) or a detector weights file")
+    p.add_argument('--detector', default='face', help="'face' (YuNet, shipped with emonb), 'yolo' (the shared YOLOv8n-face), 'whole' (each image is one face) or a detector weights file")
     p.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda' (default auto)")
     p.add_argument('--batch-size', type=_positive_int, default=32)
     p.add_argument('--frame-step', type=_positive_int, default=1, help='videos: classify every N-th frame (default 1)')
@@ -241,12 +267,17 @@ def _add_predict(sub):
                      clip_weights=a.clip_weights, window=a.window, stride=a.stride, clip_activation=a.clip_activation)
         s = df.attrs.get('summary', {})
         faces = int(df['status'].isin(['face', 'whole']).sum()) if 'status' in df else len(df)
-        print(f"{len(df)} row(s), {faces} face(s) classified from {s.get('images', '?')} image(s) and {s.get('videos', '?')} video(s); "
+        print(f"{len(df)} row(s), {faces} face(s) classified by {s.get('method', '?')} "
+              f"with detector {s.get('detector', '?')} from {s.get('images', '?')} image(s) and {s.get('videos', '?')} video(s); "
               f"written {a.out} and its summary {a.out.rsplit('.', 1)[0]}.json")
     p.set_defaults(run=run)
 
 def _eval_options(p, zeroshot: bool):
-    p.add_argument('--dataset', required=True, help='reader: fer2013, rafdb, caer_s, fedro, ferplus, affectnet7, affectnet8')
+    p.add_argument('--dataset', required=True, help='reader: fer2013, rafdb, caer_s, fedro, ferplus, affectnet7, affectnet8, or folders '
+                                                    '(ROOT/<emotion>/<image>, any spelling of the emotion names, e.g. CK+)')
+    p.add_argument('--missing', default='raise', choices=('raise', 'zero'),
+                   help='test classes the model cannot predict: an error (default) or scored as never predicted; the report then '
+                        'also gives WAR / UAR on the classes both share')
     p.add_argument('--root', required=True, help="the dataset's folder (or, for fer2013, its archive)")
     p.add_argument('--out', required=True, help='report folder (must be new or empty unless --overwrite)')
     p.add_argument('--split', default='test', help='which split to evaluate (default test)')
@@ -279,10 +310,12 @@ def _eval_options(p, zeroshot: bool):
         m = evaluate_dataset(df, method, a.weights, a.split, a.out,
                              None if a.detector == 'whole' else a.detector, a.device, a.batch_size, a.clip_model, a.prompts,
                              progress=not a.no_progress, overwrite=a.overwrite, subsets=subsets, unknown=a.unknown_names,
-                             clip_activation=a.clip_activation)
-        dropped = m['run']['dropped_model_classes']
-        print(f"{a.dataset} {a.split}: WAR {m['war']:.2%}  UAR {m['uar']:.2%}  (n={m['n']}"
+                             clip_activation=a.clip_activation, missing=a.missing)
+        dropped, sh = m['run']['dropped_model_classes'], m['run'].get('shared_classes')
+        print(f"{a.dataset} {a.split}: WAR {m['war']:.2%}  UAR {m['uar']:.2%}  (n={m['n']}, all test classes"
               f"{'; model classes dropped: ' + ', '.join(dropped) if dropped else ''}); report in {a.out}")
+        if sh: print(f"  shared classes ({', '.join(sh['classes'])}): WAR {sh['war']:.2%}  UAR {sh['uar']:.2%}  (n={sh['n']}); "
+                     f"never predicted: {', '.join(m['run']['missing_test_classes'])}")
         for name, r in (m.get('subsets') or {}).items():
             if name != 'all': print(f"  {name}: WAR {r['war']:.2%}  UAR {r['uar']:.2%}  (n={r['n']})" if r['n'] else f"  {name}: no images (n=0)")
     p.set_defaults(run=run)

@@ -13,12 +13,12 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from .core import atomic_write_bytes, atomic_write_text, atomic_write_json, prepare_output_dir
 
 # %% auto #0
-__all__ = ['SHARED_DATA_ENV', 'DETECTOR_FILES', 'DETECTOR_TASKS', 'MODEL_SUFFIXES', 'FALLBACKS', 'RULES', 'CACHE_VERSION',
-           'LEVELS', 'BOX_COLUMNS', 'configure_ultralytics', 'import_ultralytics', 'shared_data_dir', 'detector_path',
-           'box_area', 'box_intersection', 'box_iou', 'box_cover', 'as_detections', 'file_sha256', 'YOLODetector',
-           'face_detector', 'person_detector', 'BoxDetector', 'Subject', 'body_from_face', 'face_from_body',
-           'choose_subject', 'CropParams', 'crop_box', 'crop_subject', 'ImageReadError', 'CropResult', 'Cropper',
-           'default_cache_dir', 'crop_table', 'score_crops']
+__all__ = ['SHARED_DATA_ENV', 'DETECTOR_FILES', 'DETECTOR_TASKS', 'MODEL_SUFFIXES', 'PACKAGED_DIR', 'YUNET_FILE', 'FALLBACKS',
+           'RULES', 'CACHE_VERSION', 'LEVELS', 'BOX_COLUMNS', 'configure_ultralytics', 'import_ultralytics',
+           'shared_data_dir', 'detector_path', 'box_area', 'box_intersection', 'box_iou', 'box_cover', 'as_detections',
+           'file_sha256', 'YOLODetector', 'face_detector', 'person_detector', 'BoxDetector', 'packaged_file',
+           'YuNetDetector', 'Subject', 'body_from_face', 'face_from_body', 'choose_subject', 'CropParams', 'crop_box',
+           'crop_subject', 'ImageReadError', 'CropResult', 'Cropper', 'default_cache_dir', 'crop_table', 'score_crops']
 
 # %% ../nbs/04_crops.ipynb #b4bb1da2
 _OFFLINE_ENV = {'YOLO_OFFLINE': '1', 'YOLO_AUTOINSTALL': 'False'}
@@ -194,6 +194,48 @@ class BoxDetector:
         return [as_detections(self.fn(im)) for im in images]
 
     def __repr__(self): return f"BoxDetector(name={self.name!r})"
+
+# %% ../nbs/04_crops.ipynb #beac1f9d
+PACKAGED_DIR = Path(__file__).resolve().parent/'weights' if '__file__' in globals() else Path.cwd().parent/'emonb'/'weights'
+YUNET_FILE = 'face_detection_yunet_2026may.onnx'
+
+def packaged_file(name: str) -> Path:
+    "A file shipped inside the emonb package (`emonb/weights/`): the YuNet face detector, the FER2013 expression model, the world CLIP."
+    f = PACKAGED_DIR/name
+    if not f.is_file(): raise FileNotFoundError(f"{f} is missing from the installed emonb package: reinstall emonb")
+    return f
+
+class YuNetDetector:
+    "OpenCV's YuNet face detector (MIT; shipped with emonb) through `cv2.FaceDetectorYN`, as an emonb detector (`detect(images) -> [(n, 5) arrays]`)."
+    def __init__(self, path=None, conf: float = 0.6, nms: float = 0.3, top_k: int = 5000, name: str = 'yunet'):
+        self.path = Path(path).expanduser() if path is not None else packaged_file(YUNET_FILE)
+        if not self.path.is_file(): raise _missing_weights(self.path, f"detector {name!r}")
+        if not 0 <= conf <= 1 or not 0 <= nms <= 1: raise ValueError(f"conf and nms must be in [0, 1], got {conf}, {nms}")
+        self.conf, self.nms, self.top_k, self.name = float(conf), float(nms), int(top_k), name
+        self._model, self._sha, self.calls = None, None, Counter()
+
+    @property
+    def identity(self) -> str:
+        if self._sha is None: self._sha = file_sha256(self.path)
+        return f"yunet:{self.path.name}:sha256={self._sha[:16]}:conf={self.conf}:nms={self.nms}"
+
+    def detect(self, images) -> list:
+        "Boxes `(n, 5)` = x0, y0, x1, y1, score for each PIL image of `images`."
+        import cv2
+        if self._model is None: self._model = cv2.FaceDetectorYN.create(str(self.path), '', (320, 320), self.conf, self.nms, self.top_k)
+        out = []
+        for im in images:
+            a = np.ascontiguousarray(np.asarray(im.convert('RGB'))[:, :, ::-1])
+            self._model.setInputSize((a.shape[1], a.shape[0]))
+            _, f = self._model.detect(a)
+            if f is None or len(f) == 0: out.append(as_detections([])); continue
+            x0, y0 = f[:, 0].clip(0, a.shape[1]), f[:, 1].clip(0, a.shape[0])
+            x1, y1 = (f[:, 0] + f[:, 2]).clip(0, a.shape[1]), (f[:, 1] + f[:, 3]).clip(0, a.shape[0])
+            out.append(as_detections(np.stack([x0, y0, x1, y1, f[:, 14]], 1)))
+        self.calls['batches'] += 1; self.calls['images'] += len(images)
+        return out
+
+    def __repr__(self): return f"YuNetDetector({str(self.path)!r}, conf={self.conf})"
 
 # %% ../nbs/04_crops.ipynb #8cb01393
 FALLBACKS = {

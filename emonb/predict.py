@@ -17,9 +17,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 import emonb
 from .core import LabelSet, LEVELS, label_set, canonical_name, emonb_home, atomic_write_bytes, atomic_write_text, atomic_write_json
-from .crops import (face_detector, person_detector, as_detections, crop_box, body_from_face, box_cover, box_area,
+from .crops import (face_detector, person_detector, YuNetDetector, packaged_file, as_detections, crop_box, body_from_face, box_cover, box_area,
                          CropParams, ImageReadError, MODEL_SUFFIXES)
-from .data import (IMAGE_EXTS, NORMALIZATION_PRESETS, read_fer2013, read_rafdb, read_caer_s, read_fedro, read_ferplus,
+from .data import (IMAGE_EXTS, NORMALIZATION_PRESETS, read_emotion_folders, read_fer2013, read_rafdb, read_caer_s, read_fedro, read_ferplus,
                         read_affectnet)
 from .evaluate import write_report, evaluate_predictions, cross_dataset_scores
 from .prompts import class_names, EXPCLIP_PROMPT_SETS
@@ -36,17 +36,18 @@ from .dferclip import DFERCLIP
 
 # %% auto #0
 __all__ = ['BUNDLE_KEY', 'BUNDLE_VERSION', 'OUTPUTS', 'METHODS', 'INTERPOLATIONS', 'CROP_RULES', 'KNOWN_WEIGHTS',
-           'WEIGHT_SUFFIXES', 'VIDEO_EXTS', 'NO_FACE_POLICIES', 'ON_ERROR', 'BASE_COLUMNS', 'RUN_METHODS',
-           'DATASET_READERS', 'MethodSpec', 'register_method', 'method_spec', 'random_clip', 'build_visual',
-           'quickstart_network', 'clip_source', 'load_clip_source', 'build_clip', 'input_spec', 'clip_input_spec',
-           'level_size', 'image_transform', 'weights_dir', 'resolve_weights', 'Bundle', 'save_bundle', 'bundle_header',
-           'load_bundle', 'install_weights', 'Source', 'array_to_image', 'read_image', 'expand_sources', 'Frame',
-           'video_frame_count', 'iter_frames', 'write_video', 'Predictor', 'prompt_templates', 'ZeroShotPredictor',
-           'BundlePredictor', 'resolve_device', 'make_predictor', 'as_detector', 'sort_faces', 'body_for_face',
-           'level_boxes', 'face_crops', 'predictions_frame', 'write_predictions', 'predict', 'Stream', 'clip_streams',
-           'clip_windows', 'predict_clips', 'frame_rows', 'read_frame', 'plot_predictions', 'quickstart_bundle',
-           'read_run', 'run_checkpoint', 'labels_of_classes', 'unchanged_clip_keys', 'run_arch', 'bundle_from_run',
-           'read_dataset', 'evaluate_dataset']
+           'WEIGHT_SUFFIXES', 'VIDEO_EXTS', 'FER2013_MODEL', 'NO_FACE_POLICIES', 'ON_ERROR', 'BASE_COLUMNS',
+           'RUN_METHODS', 'DATASET_READERS', 'MethodSpec', 'register_method', 'method_spec', 'random_clip',
+           'build_visual', 'quickstart_network', 'clip_source', 'load_clip_source', 'build_clip', 'input_spec',
+           'clip_input_spec', 'level_size', 'image_transform', 'weights_dir', 'resolve_weights', 'Bundle',
+           'save_bundle', 'bundle_header', 'load_bundle', 'install_weights', 'Source', 'array_to_image', 'read_image',
+           'expand_sources', 'Frame', 'video_frame_count', 'iter_frames', 'write_video', 'Predictor',
+           'prompt_templates', 'ZeroShotPredictor', 'BundlePredictor', 'resolve_device', 'WorldModelWarning',
+           'default_model_path', 'make_predictor', 'as_detector', 'sort_faces', 'body_for_face', 'level_boxes',
+           'face_crops', 'predictions_frame', 'write_predictions', 'predict', 'Stream', 'clip_streams', 'clip_windows',
+           'predict_clips', 'frame_rows', 'read_frame', 'plot_predictions', 'quickstart_bundle', 'read_run',
+           'run_checkpoint', 'labels_of_classes', 'unchanged_clip_keys', 'run_arch', 'bundle_from_run', 'read_dataset',
+           'evaluate_dataset']
 
 # %% ../nbs/16_predict.ipynb #aa78243e
 BUNDLE_KEY = 'emonb_bundle'
@@ -623,17 +624,33 @@ def resolve_device(device='auto') -> torch.device:
     "'auto' -> CUDA when available, else CPU; anything else as torch.device."
     return torch.device(default_device() if device in (None, 'auto') else device)
 
-def make_predictor(method='zeroshot', weights=None, labels=None, device='auto', clip_model: str | None = None,
+FER2013_MODEL = 'emonb_fer2013_resnet18s.safetensors'
+
+class WorldModelWarning(UserWarning):
+    "A model of the synthetic world is used: right on the world's images, at chance on real photos."
+
+def default_model_path() -> Path:
+    "emonb's shipped real-face expression model: a FER2013 classifier bundle inside the package (notebook 18's model card)."
+    return packaged_file(FER2013_MODEL)
+
+def make_predictor(method='default', weights=None, labels=None, device='auto', clip_model: str | None = None,
                    prompts='ensemble10', ensemble: str = 'logits', clip_weights=None, clip_activation: str | None = None) -> Predictor:
-    "A `Predictor`: zero-shot CLIP (`method='zeroshot'`) or a trained model from a bundle (`'bundle'` or its method name)."
+    "A `Predictor`: emonb's shipped FER2013 model (`method='default'`), zero-shot CLIP (`'zeroshot'`) or a trained model from a bundle (`'bundle'` or its method name)."
     if isinstance(method, Predictor): return method
     if isinstance(method, Bundle): return BundlePredictor(method, resolve_device(device))
     dev = resolve_device(device)
+    if method == 'default':
+        if weights is not None: raise ValueError("method='default' is emonb's shipped FER2013 model; for your own bundle pass method='bundle' with weights=")
+        if labels is not None and _as_label_set(labels).names != label_set('fer2013').names:
+            raise ValueError(f"the default model predicts the FER2013 classes {list(label_set('fer2013').names)}; labels={labels!r} does not match")
+        return BundlePredictor(load_bundle(default_model_path(), dev), dev)
     if method == 'zeroshot':
         if clip_model is None:
             if weights is not None:
                 raise ValueError("method='zeroshot' with weights= needs clip_model=, the open_clip architecture of the weights "
                                  "(e.g. clip_model='ViT-B-16'); without both, the synthetic world's CLIP shipped with emonb is used")
+            warnings.warn("zero-shot with the synthetic world's CLIP: it knows only the synthetic world and is at chance on real photos; "
+                          "for real faces use the default model (method='default') or a real CLIP (clip_model=, weights=)", WorldModelWarning)
             clip = world_clip_encoder(dev)
         else:
             if weights is None:
@@ -656,9 +673,11 @@ NO_FACE_POLICIES = ('row', 'skip', 'whole')
 ON_ERROR = ('raise', 'report')
 
 def as_detector(detector, kind: str = 'face'):
-    "A detector object from `detector`: 'face'/'person' (the shared YOLO models), a model path, an object with `detect`, or None."
+    "A detector object from `detector`: 'face' (YuNet, shipped with emonb), 'yolo' (the shared YOLOv8n-face), 'person' (the shared YOLOv8n), a model path, an object with `detect`, or None."
     if detector is None or (isinstance(detector, str) and detector == 'whole'): return None
     make = face_detector if kind == 'face' else person_detector
+    if isinstance(detector, str) and kind == 'face' and detector in ('face', 'yunet'): return YuNetDetector()
+    if isinstance(detector, str) and kind == 'face' and detector == 'yolo': return face_detector()
     if isinstance(detector, str) and detector == kind: return make()
     if isinstance(detector, (str, os.PathLike)): return make(detector)
     if hasattr(detector, 'detect'): return detector
@@ -761,7 +780,7 @@ def _check_run_options(batch_size, frame_step, no_face, on_error, save_csv, over
         p = Path(save_csv).expanduser()
         if p.exists() or p.with_suffix('.json').exists(): raise FileExistsError(f"{p} (or its summary) already exists: pass overwrite=True to replace it")
 
-def predict(src, method='zeroshot', weights=None, labels=None, detector='face', device='auto', batch_size: int = 32,
+def predict(src, method='default', weights=None, labels=None, detector='face', device='auto', batch_size: int = 32,
             progress: bool = True, frame_step: int = 1, save_csv=None, no_face: str = 'row', on_error: str = 'raise',
             person_detector='person', clip_model: str | None = None, prompts='ensemble10', overwrite: bool = False,
             face_margin: float | None = None, clip_weights=None, window: int | None = None, stride: int | None = None,
@@ -1008,16 +1027,17 @@ def plot_predictions(image, rows: pd.DataFrame, path=None, ax=None, title: str |
     names = _class_columns(rows)
     colors = {n: f'C{k % 10}' for k, n in enumerate(names)}
     if ax is None:
-        fig = Figure(figsize=figsize or (6, 6 * im.height / im.width + 0.4)); ax = fig.add_subplot()
+        w = min(12., max(6., im.width / 100))   # a 1000-px photo gets a 10-inch figure: labels stay readable
+        fig = Figure(figsize=figsize or (w, w * im.height / im.width + 0.4)); ax = fig.add_subplot()
     else: fig = ax.figure
     ax.imshow(im); ax.set_axis_off()
     notes = []
-    lw = max(1.5, im.width / 300)
+    lw = 2.
     for r in rows.itertuples():
         if r.status == 'face':
             c = colors.get(r.top, 'white')
             ax.add_patch(Rectangle((r.x0, r.y0), r.x1 - r.x0, r.y1 - r.y0, fill=False, edgecolor=c, linewidth=lw))
-            ax.text(r.x0, r.y0, f"{r.top} {r.top_prob:.0%}", color='white', fontsize=9, va='bottom',
+            ax.text(r.x0, r.y0, f"{r.top} {r.top_prob:.0%}", color='white', fontsize=10, va='bottom',
                     bbox=dict(facecolor=c, edgecolor='none', pad=1.5, alpha=0.9))
         elif r.status == 'whole': notes.append(f"{r.top} {r.top_prob:.0%}")
         elif r.status == 'no_face': notes.append('no face found')
@@ -1128,7 +1148,8 @@ def run_arch(r: dict, sd: dict, labels: LabelSet, clip=None, clip_in_bundle: boo
                         neutral_index=labels.index('neutral') if 'neutral' in labels.names else None, hidden=r.get('hidden', 128), tau=r.get('tau', 0.01),
                         variant=r.get('variant') or 'emonb')     # runs older than the variants behaved as emonb's
         else: arch = dict(visual=visual, n_classes=len(labels))
-        inp = input_spec(int(r['size']), 'RGB', r.get('normalize', 'imagenet'), 'crop', 'bilinear')
+        inp = input_spec(int(r['size']), r.get('mode', 'RGB'), r.get('normalize', 'imagenet'), r.get('resize', 'crop'), 'bilinear',
+                         r.get('face_margin', 0.2))
     elif method == 'mlper':
         texts = overrides.pop('texts', None) or mlper_texts(labels, r['prompt_levels'])
         if list(texts['classes']) != list(r['class_texts']):
@@ -1160,14 +1181,15 @@ def run_arch(r: dict, sd: dict, labels: LabelSet, clip=None, clip_in_bundle: boo
     return method, arch, inp, output
 
 def bundle_from_run(run, path=None, checkpoint: str = 'auto', clip=None, clip_in_bundle: bool = True, overwrite: bool = False,
-                    dtype: torch.dtype | None = None, **arch) -> Path:
-    "A model bundle (default `<run>/model.safetensors`) of a train_kefer / train_classifier / train_mlper / train_cocoer / train_dferclip run folder."
+                    dtype: torch.dtype | None = None, face_margin: float | None = None, **arch) -> Path:
+    "A model bundle (default `<run>/model.safetensors`) of a train_kefer / train_classifier / train_mlper / train_cocoer / train_dferclip run folder; `face_margin` overrides the margin `predict` cuts face crops with."
     run = Path(run).expanduser()
     m = read_run(run); r = m.get('run') or {}
     ckpt = run_checkpoint(run, checkpoint, r.get('select'))
     sd = _checkpoint_state(ckpt)
     labels = labels_of_classes(m['classes'])
     method, a, inp, output = run_arch(r, sd, labels, clip, clip_in_bundle, **arch)
+    if face_margin is not None: inp = {**inp, 'face_margin': float(face_margin)}
     path = Path(path).expanduser() if path is not None else run/'model.safetensors'
     if path.exists() and not overwrite: raise FileExistsError(f"{path} already exists: pass overwrite=True to replace it")
     spec = method_spec(method)
@@ -1175,14 +1197,15 @@ def bundle_from_run(run, path=None, checkpoint: str = 'auto', clip=None, clip_in
     _load_state(model, sd, f"checkpoint {ckpt}")
     if spec.after_load is not None: spec.after_load(model)
     external = unchanged_clip_keys(model, a['clip']) if 'clip' in a and not a['clip']['in_bundle'] else []
-    info = dict(source=str(ckpt), checkpoint=ckpt.stem, war=m.get('war'), uar=m.get('uar'), mAP=m.get('mAP'), run=r)
+    info = dict(source=str(ckpt), checkpoint=ckpt.stem, war=m.get('war'), uar=m.get('uar'), mAP=m.get('mAP'),
+                recall=m.get('per_class_recall'), run=r)
     return save_bundle(model, path, method, labels, a, inp, info=info, dtype=dtype, overwrite=overwrite, output=output,
                        external_keys=external)
 
 # %% ../nbs/16_predict.ipynb #deb87a91
 DATASET_READERS = {'fer2013': read_fer2013, 'rafdb': read_rafdb, 'caer_s': read_caer_s, 'fedro': read_fedro,
                    'ferplus': read_ferplus, 'affectnet7': lambda root: read_affectnet(root, 7),
-                   'affectnet8': lambda root: read_affectnet(root, 8)}
+                   'affectnet8': lambda root: read_affectnet(root, 8), 'folders': read_emotion_folders}
 
 def read_dataset(name: str, root) -> pd.DataFrame:
     "The sample table of dataset `name` (a key of `DATASET_READERS`) at `root`."
@@ -1193,8 +1216,8 @@ def read_dataset(name: str, root) -> pd.DataFrame:
 def evaluate_dataset(df: pd.DataFrame, method='zeroshot', weights=None, split: str = 'test', out=None, detector=None,
                      device='auto', batch_size: int = 32, clip_model: str | None = None, prompts='ensemble10',
                      progress: bool = False, overwrite: bool = False, subsets: dict | None = None, unknown: str = 'raise',
-                     clip_activation: str | None = None) -> dict:
-    "WAR / UAR (and a report folder `out`) of a zero-shot CLIP or a trained bundle on the `split` rows of a single-label sample table; `subsets` adds WAR / UAR per robustness subset."
+                     clip_activation: str | None = None, missing: str = 'raise') -> dict:
+    "WAR / UAR (and a report folder `out`) of a zero-shot CLIP or a trained bundle on the `split` rows of a single-label sample table; `subsets` adds WAR / UAR per robustness subset; `missing='zero'` scores test classes the model lacks as never predicted (and `run.shared_classes` has WAR / UAR on the classes both have)."
     from emonb.evaluate import resolve_subsets, subset_metrics, subsets_json
     if 'split' not in df or 'label' not in df or 'path' not in df:
         raise ValueError("evaluate_dataset needs a sample table with path, label and split columns (an emonb.data reader's output)")
@@ -1210,13 +1233,23 @@ def evaluate_dataset(df: pd.DataFrame, method='zeroshot', weights=None, split: s
     if len(first) != len(rows): raise RuntimeError(f"{len(rows)} images but {len(first)} predictions")
     model_labels = predictor.labels
     scores = first[list(model_labels.names)].to_numpy(float)
-    scores, dropped, absent = cross_dataset_scores(scores, model_labels, test_labels)
+    targets = rows.label.to_numpy(int)
+    scores, dropped, absent = cross_dataset_scores(scores, model_labels, test_labels, missing=missing)
+    shared = None
+    if absent:   # the classes both have: rows of the others left out, scores renormalised over the shared columns
+        keep_cls = [k for k, n in enumerate(test_labels.names) if n not in absent]
+        keep = np.isin(targets, keep_cls)
+        sub_scores = scores[keep][:, keep_cls]; sub_scores = sub_scores / np.clip(sub_scores.sum(1, keepdims=True), 1e-12, None)
+        remap = {k: j for j, k in enumerate(keep_cls)}
+        sm = evaluate_predictions(np.array([remap[t] for t in targets[keep]]), sub_scores,
+                                  LabelSet(test_labels.name + '_shared', tuple(test_labels.names[k] for k in keep_cls)))
+        shared = dict(war=float(sm['war']), uar=float(sm['uar']), n=int(keep.sum()), classes=[test_labels.names[k] for k in keep_cls])
     run = dict(method=method if isinstance(method, str) else type(method).__name__, weights=str(weights) if weights else None,
                clip=getattr(getattr(predictor, 'clip', None), 'describe', lambda: None)(),
                split=split, model_labels=model_labels.name, test_labels=test_labels.name, dropped_model_classes=dropped,
+               missing_test_classes=absent, shared_classes=shared,
                detector=detector if isinstance(detector, (str, type(None))) else type(detector).__name__,
                no_face_frames=int(pred.attrs.get('summary', {}).get('no_face_frames', 0)))
-    targets = rows.label.to_numpy(int)
     if out is not None: return write_report(out, targets, scores, test_labels, items=list(rows.path), run=run, overwrite=overwrite, subsets=sub)
     m = evaluate_predictions(targets, scores, test_labels); m['run'] = run
     if sub is not None: m['subsets'] = subsets_json(subset_metrics(targets, scores, test_labels, sub))
