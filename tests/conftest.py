@@ -15,3 +15,15 @@ def emonb_exe():
     if not exe.exists(): exe = shutil.which('emonb')
     assert exe, "the emonb console script is not installed: pip install -e '.[dev]'"
     return str(exe)
+
+def install_into_bare_folder(tmp_path) -> Path:
+    "Install a copy of the package (as a wheel build would: package data included, no dependencies) into `tmp_path/site`; returns that folder."
+    import subprocess
+    src, site = tmp_path/'src', tmp_path/'site'   # build from a copy, so no build/ folder lands in the repository
+    shutil.copytree(ROOT/'emonb', src/'emonb', ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+    for f in ('setup.py', 'settings.ini', 'pyproject.toml', 'MANIFEST.in', 'README.md', 'LICENSE'):
+        if (ROOT/f).exists(): shutil.copy(ROOT/f, src/f)
+    r = subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-build-isolation', '--no-index', '--quiet',
+                        '--target', str(site), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return site

@@ -7,6 +7,7 @@ from emonb.crops import shared_data_dir, YUNET_FILE
 from emonb.predict import FER2013_MODEL, default_model_path, bundle_header
 
 ROOT = Path(__file__).resolve().parents[1]
+from conftest import install_into_bare_folder
 D = shared_data_dir()
 SMILING = [0, 2, 3, 4]   # faces of multiface.jpg, left to right, that smile (the other two do not)
 
@@ -21,13 +22,7 @@ def test_shipped_files_are_in_the_package():
 
 @pytest.mark.skipif(D is None, reason='the shared data folder with the real photos is absent')
 def test_fresh_install_predicts_the_smiling_faces(tmp_path):
-    src, site, work = tmp_path/'src', tmp_path/'site', tmp_path/'work'
-    shutil.copytree(ROOT/'emonb', src/'emonb', ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
-    for f in ('setup.py', 'settings.ini', 'pyproject.toml', 'MANIFEST.in', 'README.md', 'LICENSE'):
-        if (ROOT/f).exists(): shutil.copy(ROOT/f, src/f)
-    r = subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-build-isolation', '--no-index', '--quiet',
-                        '--target', str(site), str(src)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    site, work = install_into_bare_folder(tmp_path), tmp_path/'work'
     for f in (FER2013_MODEL, YUNET_FILE, 'LICENSE-yunet.txt'): assert (site/'emonb'/'weights'/f).is_file(), f
     work.mkdir(); photo = work/'multiface.jpg'; shutil.copy(D/'images'/'multiface.jpg', photo)   # no shared/ beside it
     env = {k: v for k, v in os.environ.items() if k not in ('EMONB_SHARED_DATA', 'PYTHONPATH')}

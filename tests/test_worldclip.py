@@ -11,6 +11,7 @@ from emonb.worldclip import (WORLD_CLIP, FACE_PROMPT, world_clip_path, world_cli
                              world_eval_set, encode_images, encode_texts, zero_shot_accuracy, face_caption)
 
 ROOT = Path(__file__).resolve().parent.parent
+from conftest import install_into_bare_folder
 
 
 @pytest.fixture(scope='module')
@@ -31,13 +32,7 @@ def test_checkpoint_is_package_data():
 
 def test_loads_from_an_installed_wheel(tmp_path):
     "Build the wheel, install it into a bare folder, and load the checkpoint from there via importlib.resources."
-    src, site = tmp_path / 'src', tmp_path / 'site'  # build from a copy, so no build/ folder lands in the repository
-    shutil.copytree(ROOT / 'emonb', src / 'emonb', ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
-    for f in ('setup.py', 'settings.ini', 'pyproject.toml', 'MANIFEST.in', 'README.md', 'LICENSE'):
-        if (ROOT / f).exists(): shutil.copy(ROOT / f, src / f)
-    r = subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-build-isolation', '--no-index', '--quiet',
-                        '--target', str(site), str(src)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    site = install_into_bare_folder(tmp_path)
     assert (site / 'emonb' / 'weights' / 'world_clip.safetensors').exists()
     assert (site / 'emonb' / 'model_configs' / 'emonb-world-clip.json').exists()
     code = ("import emonb, emonb.worldclip as W, torch; m, pre, tok = W.load_world_clip(); "
