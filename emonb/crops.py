@@ -221,7 +221,8 @@ class YuNetDetector:
 
     def detect(self, images) -> list:
         "Boxes `(n, 5)` = x0, y0, x1, y1, score for each PIL image of `images`."
-        import cv2
+        try: import cv2
+        except ImportError as e: raise ImportError("the YuNet face detector needs OpenCV >= 4.8: pip install opencv-python") from e
         if self._model is None: self._model = cv2.FaceDetectorYN.create(str(self.path), '', (320, 320), self.conf, self.nms, self.top_k)
         out = []
         for im in images:
