@@ -8,6 +8,14 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 @pytest.fixture(scope='session')
 def root(): return ROOT
 
+@pytest.fixture(scope='module')
+def one_thread():
+    "One torch thread for a module of tiny models and tensors (threads only add overhead and contention on shared CPUs); restored after it. Use with `pytestmark = pytest.mark.usefixtures('one_thread')`."
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 @pytest.fixture(scope='session')
 def emonb_exe():
     "The installed `emonb` console script (next to this Python, or on PATH)."

@@ -14,12 +14,7 @@ from emonb.dferclip import (DFERCLIP, dferclip_texts, dferclip_param_groups, dfe
 @pytest.fixture(scope='module')
 def texts(): return dferclip_texts('dfew')
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny models: one thread is as fast, and far faster when other processes share the cores."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tiny models: one thread (conftest), restored afterwards
 
 def tiny_clip(): return ClipEncoder.from_pretrained('emonb-tiny-vit')
 

@@ -13,7 +13,7 @@ from emonb.losses import KeferLoss
 from emonb.kefer import (KeferModel, resnet_encoder, text_prototypes, kefer_texts, kefer_variant, kefer_config, kefer_official_lr,
                          kefer_official_transforms, clip_temperature, lr_step_callbacks, KEFER_OFFICIAL_TEMPLATE)
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tiny models: one thread (conftest), restored afterwards
 RAF = label_set('rafdb')
 
 

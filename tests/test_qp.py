@@ -11,12 +11,7 @@ import torch
 from emonb.qp import (solve_simplex_qp, simplex_qp_objective, simplex_qp_gap, project_to_simplex, gram_qp,
                       frank_wolfe_simplex_qp)
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny tensors: threads only add overhead (and contention on shared CPUs). Restored after this module."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tiny models: one thread (conftest), restored afterwards
 
 METHODS = {2: ('exact', 'iterative'), 3: ('exact', 'iterative'), 4: ('exact', 'iterative'), 6: ('exact', 'iterative'), 8: ('iterative',)}
 
