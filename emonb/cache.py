@@ -542,9 +542,7 @@ def _image_samples(df: pd.DataFrame) -> pd.DataFrame:
     keys = list(dict.fromkeys(str(p) for p in df.path))
     missing = [p for p in keys if not Path(p).is_file()]
     if missing: raise FileNotFoundError(f"{len(missing)} image(s) do not exist, e.g. {missing[0]} (check_images reports these)")
-    return pd.DataFrame(dict(key=keys))
-
-def _path_stamps(samples) -> list: return [f'{s.st_size}:{s.st_mtime_ns}' for p in samples.key for s in [Path(p).stat()]]
+    return pd.DataFrame(dict(key=keys, path=keys))
 
 def build_image_cache(df: pd.DataFrame, folder=None, size: int = 48, mode: str = 'L', rebuild: str = 'auto', verify: bool = True,
                       num_workers: int = 0, progress: bool = False) -> 'ImageCache':
@@ -563,7 +561,7 @@ def build_image_cache(df: pd.DataFrame, folder=None, size: int = 48, mode: str =
         atomic_write_text(tmp/'index.csv', samples[['key', 'stamp']].to_csv(index=False))
         atomic_write_json(tmp/MANIFEST, _manifest('images', settings, samples, shape=[len(samples), size, size, c],
                                                   seconds=round(time.time() - t0, 1)))
-    return ImageCache(_prepare(folder, 'images', settings, samples, rebuild, verify, write, _path_stamps))
+    return ImageCache(_prepare(folder, 'images', settings, samples, rebuild, verify, write, _image_stamps))
 
 class ImageCache(_BuiltCache):
     "A built small-image cache: `images` (memory-mapped, N x S x S x C uint8), looked up by path."
