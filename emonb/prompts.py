@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
-import os, re, json, math, time, hashlib, datetime, threading
+import os, re, json, math, time, hashlib, datetime, threading, contextlib
 import pandas as pd
 import emonb
 from .core import LabelSet, label_set, canonical_name, ADJECTIVES, LEVELS, atomic_write_json
@@ -23,11 +23,11 @@ __all__ = ['PLACEHOLDERS', 'MLPER_QUESTIONS', 'MLPER_LEVEL_CODES', 'MLPER_TABLE1
            'PUBLISHED_MODELS', 'METHODS', 'LLM_METHODS', 'class_names', 'fill_template', 'mlper_question',
            'mlper_composite', 'dferclip_question', 'combine_descriptors', 'canonical_json', 'request_key',
            'PromptRequest', 'chat_request', 'parse_descriptors', 'PromptError', 'PromptCacheMiss', 'CorruptCacheEntry',
-           'LLMRequestError', 'default_cache_dir', 'validate_entry', 'read_entry', 'make_entry', 'PromptCache',
-           'as_cache', 'template_set_request', 'published_entries', 'write_published', 'check_published', 'LLMSettings',
-           'llm_settings', 'LLMClient', 'canned_answer', 'FakeChatServer', 'ask_all', 'ask', 'method_name', 'PromptSet',
-           'llm_requests', 'mlper_prompts', 'dferclip_prompts', 'expclip_prompts', 'kefer_prompts', 'cocoer_prompts',
-           'method_prompts', 'prompts_build', 'prompts_show']
+           'PromptCacheBusy', 'LLMRequestError', 'default_cache_dir', 'validate_entry', 'read_entry', 'make_entry',
+           'PromptCache', 'as_cache', 'template_set_request', 'published_entries', 'write_published', 'check_published',
+           'LLMSettings', 'llm_settings', 'LLMClient', 'canned_answer', 'FakeChatServer', 'ask_all', 'ask',
+           'method_name', 'PromptSet', 'llm_requests', 'mlper_prompts', 'dferclip_prompts', 'expclip_prompts',
+           'kefer_prompts', 'cocoer_prompts', 'method_prompts', 'prompts_build', 'prompts_show']
 
 # %% ../nbs/03_prompts.ipynb #862f6f98
 def class_names(labels) -> tuple:
@@ -298,11 +298,15 @@ class PromptCacheMiss(PromptError, KeyError):
     def __str__(self): return self.args[0]
 
 class CorruptCacheEntry(PromptError, ValueError):
-    "A prompt-cache file that cannot be trusted."
+    "A prompt-cache file that cannot be trusted (`path`: the file, `why`: what is wrong with it)."
     def __init__(self, path, why: str):
-        self.path = Path(path)
-        super().__init__(f"prompt cache entry {self.path} is corrupt: {why}. It was not used and will not be overwritten: "
-                         f"delete it to ask again (`emonb prompts build ...`), or restore it from version control.")
+        self.path, self.why = Path(path), why
+        super().__init__(f"prompt cache entry {self.path} is corrupt: {why}. It was not used and will not be overwritten by a "
+                         f"look-up: `emonb prompts build ...` asks again and keeps this file as {self.path.name}.corrupt; "
+                         f"or restore it from version control.")
+
+class PromptCacheBusy(PromptError, TimeoutError):
+    "Another process held the lock of a cache entry for too long."
 
 class LLMRequestError(PromptError, RuntimeError):
     "An LLM endpoint failed to answer (error status, timeout, no connection, empty answer)."
@@ -350,6 +354,16 @@ def make_entry(request: PromptRequest, answer: str, parsed, model: str, provenan
     return validate_entry(e)
 
 # %% ../nbs/03_prompts.ipynb #fbffb1d0
+try: import fcntl
+except ImportError: fcntl = None  # not POSIX (Windows): no entry locks; writes stay atomic, concurrent builders may ask twice
+
+def _same_file(fd: int, path: Path) -> bool:
+    "Is the open file `fd` still the file at `path` (not removed or replaced meanwhile)?"
+    try: st = os.stat(path)
+    except FileNotFoundError: return False
+    fs = os.fstat(fd)
+    return (st.st_ino, st.st_dev) == (fs.st_ino, fs.st_dev)
+
 class PromptCache:
     "The prompt cache: JSON files in `folder`, backed by the published entries built into emonb."
     def __init__(self, folder=None, published: bool = True):
@@ -371,25 +385,87 @@ class PromptCache:
         if self.published: return published_entries().get(key)
         return None
 
-    def where(self, request) -> str | None:
-        "'file', 'built-in' or None: where `get` finds `request`."
+    def state(self, request) -> tuple:
+        "(where, problem): where is 'file' (a valid file), 'corrupt' (problem: its `CorruptCacheEntry`), 'built-in' or None."
         p = self.path(request)
-        if p.exists(): return 'file'
-        if self.published and p.stem in published_entries(): return 'built-in'
-        return None
+        if p.exists():
+            try: read_entry(p, p.stem)
+            except CorruptCacheEntry as e: return 'corrupt', e
+            return 'file', None
+        if self.published and p.stem in published_entries(): return 'built-in', None
+        return None, None
+
+    def where(self, request) -> str | None:
+        "'file', 'corrupt', 'built-in' or None: where `get` finds `request` (a 'corrupt' file makes `get` raise)."
+        return self.state(request)[0]
 
     def __contains__(self, request): return self.where(request) is not None
 
-    def put(self, entry: dict) -> dict:
-        "Store `entry` atomically; an existing valid file is kept (first writer wins), a corrupt one is an error."
+    def put(self, entry: dict, replace_corrupt: bool = False) -> dict:
+        "Store `entry` atomically; an existing valid file is kept (first writer wins); a corrupt one is an error, unless `replace_corrupt`."
         validate_entry(entry)
         p = self.path(entry['key'])
-        if p.exists(): return read_entry(p, entry['key'])
+        if p.exists():
+            try: return read_entry(p, entry['key'])
+            except CorruptCacheEntry:
+                if not replace_corrupt: raise
+                self._keep_copy(p)
         atomic_write_json(p, entry, ensure_ascii=False)
         return entry
 
+    def _keep_copy(self, p: Path) -> Path:
+        "Copy the corrupt file `p` to the first free name of `<file>.corrupt`, `<file>.corrupt.2`, ..."
+        data = p.read_bytes()
+        for n in range(1, 10_000):
+            q = p.with_name(p.name + '.corrupt' + (f'.{n}' if n > 1 else ''))
+            try:
+                with open(q, 'xb') as f: f.write(data)
+                return q
+            except FileExistsError: continue
+        raise PromptError(f"too many copies of corrupt entries named {p.name}.corrupt.* in {p.parent}: remove some")
+
+    def corrupt_copies(self, request) -> list:
+        "The copies kept of `request`'s corrupt files (oldest first), made when `put(..., replace_corrupt=True)` replaced them."
+        p = self.path(request)
+        num = lambda q: int(q.name.rsplit('.', 1)[1]) if q.name != p.name + '.corrupt' else 1
+        return sorted((q for q in self.folder.glob(p.name + '.corrupt*') if re.fullmatch(r'\.corrupt(\.\d+)?', q.name[len(p.name):])), key=num)
+
+    def lock_path(self, request) -> Path:
+        "The lock file of `request`'s entry: `.<key>.lock` beside it."
+        p = self.path(request)
+        return p.with_name(f'.{p.stem}.lock')
+
+    @contextlib.contextmanager
+    def lock(self, request, timeout: float = 600.0, log=None):
+        "Hold `request`'s entry lock (`flock` on its lock file, so a dead holder never blocks); wait up to `timeout` s."
+        if fcntl is None: yield None; return
+        lp = self.lock_path(request)
+        lp.parent.mkdir(parents=True, exist_ok=True)
+        what = request.describe() if isinstance(request, PromptRequest) else lp.name
+        deadline, told = time.monotonic() + timeout, False
+        while True:
+            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                while True:
+                    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise PromptCacheBusy(f"waited {timeout:g} s for another process asking for {what}: it holds {lp}. "
+                                                  f"The lock goes when that process ends (a crashed one releases it at once); "
+                                                  f"wait for the other `emonb prompts build`, or stop it.") from None
+                        if log and not told: log(f'waiting for another process asking for {what} (lock {lp.name})'); told = True
+                        time.sleep(0.05)
+            except BaseException: os.close(fd); raise
+            if _same_file(fd, lp): break
+            os.close(fd)  # the holder removed that file as it finished: lock the current one
+        try: yield lp
+        finally:
+            try: os.unlink(lp)  # while still holding it, so a waiter on the old file retries (see _same_file)
+            except FileNotFoundError: pass
+            os.close(fd)
+
     def files(self) -> list:
-        "The entry files in the folder (not README.md, not temporary files)."
+        "The entry files in the folder (not README.md, not temporary, lock or kept corrupt files)."
         if not self.folder.is_dir(): return []
         return sorted(p for p in self.folder.glob('*.json') if not p.name.startswith('.'))
 
@@ -665,30 +741,53 @@ def _fill_hint(missing) -> str:
     return (f"To fill: run {cmds} with OPENAI_API_KEY set (and OPENAI_BASE_URL for another OpenAI-compatible endpoint), "
             f"or call with fill=True; or add a published set of answers (see prompt_cache/README.md).")
 
-def ask_all(requests, cache=None, fill: bool = False, settings: LLMSettings = None, client: LLMClient = None,
-            parser=parse_descriptors, log=None) -> list:
-    "The cache entry of each request; with `fill=True`, missing LLM answers are fetched once and cached."
+def _lookup(cache: PromptCache, request, repair: bool) -> dict | None:
+    "The entry of `request`; None when missing, or when corrupt and `repair` (else a corrupt file raises)."
+    try: return cache.get(request)
+    except CorruptCacheEntry:
+        if repair: return None
+        raise
+
+def _answer_entry(request, client: LLMClient, parser) -> dict:
+    "Ask `client` for `request`; the cache entry of its answer."
+    res = client.chat(request)
+    parsed = parser(res['answer'])
+    if not parsed: raise LLMRequestError(f"the answer to {request.describe()} has no descriptors, so it was not cached: {res['answer'][:300]!r}")
+    prov = {'source': 'llm', 'endpoint': client.endpoint, 'parser': getattr(parser, '__name__', str(parser)),
+            'emonb_version': emonb.__version__, **{k: res[k] for k in ('response_id', 'finish_reason', 'usage', 'system_fingerprint', 'seconds')}}
+    return make_entry(request, res['answer'], parsed, res['model'], prov)
+
+def _ask_all(requests, cache=None, fill: bool = False, settings: LLMSettings = None, client: LLMClient = None,
+             parser=parse_descriptors, log=None, repair: bool = False, lock_timeout: float = None) -> tuple:
+    "`ask_all`, and the keys this call asked an LLM for (not those another process answered while we waited)."
     cache, requests = as_cache(cache), list(requests)
-    entries = [cache.get(r) for r in requests]
+    entries = [_lookup(cache, r, repair) for r in requests]
     missing = list({r.key: r for r, e in zip(requests, entries) if e is None}.values())
-    if not missing: return entries
+    if not missing: return entries, []
     settings = settings if settings is not None else llm_settings()
     why = _why_not(missing, fill, settings)
     if why:
-        lines = '\n'.join(f'  - {r.describe()} -> {r.filename}' for r in missing)
+        lines = '\n'.join(f"  - {r.describe()} -> {r.filename}{' (corrupt)' if cache.path(r).exists() else ''}" for r in missing)
         raise PromptCacheMiss(f"{len(missing)} prompt request(s) are not in the prompt cache {cache.folder}:\n{lines}\n"
                               f"Not filled because {why}.\n{_fill_hint(missing)}", missing)
     client = client if client is not None else LLMClient(settings)
-    done = {}
+    if lock_timeout is None: lock_timeout = settings.timeout * (settings.max_retries + 1) + 60
+    done, asked = {}, []
     for r in missing:
-        if log: log(f'asking {client.endpoint} for {r.describe()}')
-        res = client.chat(r)
-        parsed = parser(res['answer'])
-        if not parsed: raise LLMRequestError(f"the answer to {r.describe()} has no descriptors, so it was not cached: {res['answer'][:300]!r}")
-        prov = {'source': 'llm', 'endpoint': client.endpoint, 'parser': getattr(parser, '__name__', str(parser)),
-                'emonb_version': emonb.__version__, **{k: res[k] for k in ('response_id', 'finish_reason', 'usage', 'system_fingerprint', 'seconds')}}
-        done[r.key] = cache.put(make_entry(r, res['answer'], parsed, res['model'], prov))
-    return [e if e is not None else done[r.key] for r, e in zip(requests, entries)]
+        with cache.lock(r, timeout=lock_timeout, log=log):
+            e = _lookup(cache, r, repair)  # another process may have answered while we waited for the lock
+            if e is None:
+                if log: log(f'asking {client.endpoint} for {r.describe()}')
+                e = cache.put(_answer_entry(r, client, parser), replace_corrupt=repair)
+                asked.append(r.key)
+            elif log: log(f'cached meanwhile by another process: {r.describe()}')
+        done[r.key] = e
+    return [e if e is not None else done[r.key] for r, e in zip(requests, entries)], asked
+
+def ask_all(requests, cache=None, fill: bool = False, settings: LLMSettings = None, client: LLMClient = None,
+            parser=parse_descriptors, log=None, repair: bool = False, lock_timeout: float = None) -> list:
+    "The cache entry of each request; with `fill=True`, missing LLM answers are fetched once (one process at a time) and cached."
+    return _ask_all(requests, cache, fill, settings, client, parser, log, repair, lock_timeout)[0]
 
 def ask(request: PromptRequest, **kwargs) -> dict:
     "The cache entry of one request (see `ask_all`)."
@@ -819,35 +918,65 @@ def method_prompts(method: str, labels, **kwargs) -> PromptSet:
     return fn(labels, **kwargs)
 
 # %% ../nbs/03_prompts.ipynb #84ecd506
+def _build_requests(method: str, names, source, model, cache, st) -> list:
+    "Every request a build of `method` covers: its LLM questions, or a template method's published template sets."
+    if method in LLM_METHODS: return llm_requests(method, names, source, model, cache, st)
+    return [template_set_request(m, n, meth) for m, n, meth, *_ in _TEMPLATE_SETS if meth == method]
+
+def _plan_lines(plan: dict, problems: dict, fix: dict, cache: PromptCache, st: LLMSettings) -> list:
+    "The plan of a build, one line per request (corrupt ones with their file, what is wrong and what will be done)."
+    lines = [f"  cached      {r.describe()}" for r in plan['file']]
+    for r in plan['corrupt']:
+        lines += [f"  CORRUPT     {r.describe()}", f"              {cache.path(r)}: {problems[r.key].why}", f"              -> {fix[r.key]}"]
+    lines += [f"  published   {r.describe()} (built in; will be written to {r.filename})" for r in plan['built-in']]
+    lines += [f"  CALL        {r.describe()} -> {st.endpoint}" for r in plan['call']]
+    return lines
+
 def prompts_build(method: str, labels, model: str = None, base_url: str = None, source: str = 'auto', dry_run: bool = False,
                   cache=None, offline: bool = None, timeout: float = None, max_retries: int = None, out=print) -> dict:
-    "Fill the prompt cache for `method` and `labels`; print the plan first. Returns counts of what was done."
+    "Fill the prompt cache for `method` and `labels`, replacing corrupt entries; print the plan first. Returns what was done; `ok` is False while a corrupt entry is left."
     method, names, cache = method_name(method), class_names(labels), as_cache(cache)
     st = llm_settings(model=model, base_url=base_url, offline=offline, timeout=timeout, max_retries=max_retries)
-    reqs = llm_requests(method, names, source, model, cache, st)
+    reqs = _build_requests(method, names, source, model, cache, st)
+    plan, problems = {'file': [], 'corrupt': [], 'built-in': [], 'call': []}, {}
+    for r in reqs:
+        where, problems[r.key] = cache.state(r)
+        plan[where or 'call'].append(r)
+    pub = published_entries()
+    to_rewrite = [r for r in plan['corrupt'] if r.key in pub]        # fixed from the built-in copy, no network
+    to_reask = [r for r in plan['corrupt'] if r.key not in pub]
+    why_not = _why_not(to_reask, True, st) if to_reask else None
+    fix = {r.key: 'rewritten from the built-in published entry' for r in to_rewrite}
+    fix.update({r.key: f"left as it is: {why_not}" if why_not else f"asked again from {st.endpoint} (the file kept as {r.filename}.corrupt)"
+                for r in to_reask})
     out(f"prompt cache: {cache.folder}")
-    plan = {'file': [], 'built-in': [], 'call': []}
-    for r in reqs: plan[cache.where(r) or 'call'].append(r)
-    for r in plan['file']: out(f"  cached      {r.describe()}")
-    for r in plan['built-in']: out(f"  published   {r.describe()} (built in; will be written to {r.filename})")
-    for r in plan['call']: out(f"  CALL        {r.describe()} -> {st.endpoint}")
+    for line in _plan_lines(plan, problems, fix, cache, st): out(line)
     if method not in LLM_METHODS: out(f"{method} uses templates only: no LLM requests.")
-    out(f"{len(plan['file'])} cached, {len(plan['built-in'])} published to write, {len(plan['call'])} to ask an LLM"
-        + (" (dry run: nothing done)" if dry_run else ''))
-    res = {'cached': len(plan['file']), 'published_written': 0, 'called': 0, 'cache': str(cache.folder)}
+    out(f"{len(plan['file'])} cached, {len(plan['corrupt'])} corrupt, {len(plan['built-in'])} published to write, "
+        f"{len(plan['call'])} to ask an LLM" + (" (dry run: nothing done)" if dry_run else ''))
+    res = {'cached': len(plan['file']), 'published_written': 0, 'called': 0, 'cached_by_others': 0, 'repaired': [],
+           'corrupt': [str(cache.path(r)) for r in plan['corrupt']], 'ok': not plan['corrupt'], 'cache': str(cache.folder)}
     if dry_run: return res
     if plan['call']:  # raises PromptCacheMiss, with the reason, when they cannot be filled
         why = _why_not(plan['call'], True, st)
         if why: ask_all(plan['call'], cache=cache, fill=True, settings=st)
-    keys = {r.key for r in reqs}
-    if method in LLM_METHODS: pub = [e for k, e in published_entries().items() if k in keys]
-    else: pub = [e for e in published_entries().values() if e['about'].get('method') == method]
-    for e in pub:
-        if not cache.path(e['key']).exists(): cache.put(e); res['published_written'] += 1
-    if plan['call']:
-        ask_all(plan['call'], cache=cache, fill=True, settings=st, log=out)
-        res['called'] = len(plan['call'])
-    out(f"done: {res['published_written']} published entries written, {res['called']} LLM answers cached")
+    for r in plan['built-in']:
+        if not cache.path(r).exists(): cache.put(pub[r.key]); res['published_written'] += 1
+    for r in to_rewrite:
+        with cache.lock(r, log=out): cache.put(pub[r.key], replace_corrupt=True)
+    to_ask = plan['call'] + ([] if why_not else to_reask)
+    if to_ask:
+        _, asked = _ask_all(to_ask, cache=cache, fill=True, settings=st, log=out, repair=True)
+        res['called'], res['cached_by_others'] = len(asked), len(to_ask) - len(asked)
+    res['repaired'] = [str(cache.path(r)) for r in plan['corrupt'] if cache.where(r) == 'file']
+    res['corrupt'] = [str(cache.path(r)) for r in plan['corrupt'] if cache.where(r) == 'corrupt']
+    res['ok'] = not res['corrupt']
+    out(f"done: {res['published_written']} published entries written, {res['called']} LLM answers cached"
+        + (f", {res['cached_by_others']} cached meanwhile by another process" if res['cached_by_others'] else '')
+        + (f", {len(res['repaired'])} corrupt entries replaced (copies kept as <file>.corrupt)" if res['repaired'] else ''))
+    if res['corrupt']:
+        out(f"{len(res['corrupt'])} corrupt entries left as they are, because {why_not}:\n" + '\n'.join(f'  {p}' for p in res['corrupt'])
+            + "\nRun the build again where an LLM is reachable, or restore the files from version control.")
     return res
 
 def prompts_show(method: str, labels, source: str = 'auto', model: str = None, cache=None, official: bool = False,

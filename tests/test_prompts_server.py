@@ -74,30 +74,7 @@ def test_another_process_reads_the_cache_without_network(server, tmp_path):
     assert "['first test cue', 'second test cue', 'third test cue']" in r.stdout
     assert server.count == 1
 
-def test_two_processes_filling_one_entry_leave_one_valid_file(tmp_path):
-    arrived = threading.Event()
-    def answer(body):  # hold each answer until both processes have asked, so both really fill at once
-        if server.count >= 2: arrived.set()
-        arrived.wait(20)
-        return '1. **Tense shoulders**: raised and stiff\n2. **Fidgeting hands**: restless'
-    with FakeChatServer(answer=answer) as server:
-        code = f"""
-            from emonb.prompts import *
-            req = chat_request(mlper_question('anxiety', 'body'), 'emonb-fake-llm', method='mlper', question='body', **{{'class': 'anxiety'}})
-            e = ask(req, cache={str(tmp_path)!r}, fill=True, settings=LLMSettings(model='emonb-fake-llm',
-                    base_url={server.base_url!r}, api_key='k', timeout=30, max_retries=0))
-            print(e['key'])
-            """
-        env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-        procs = [subprocess.Popen([sys.executable, '-c', textwrap.dedent(code)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env) for _ in range(2)]
-        outs = [p.communicate(timeout=120) for p in procs]
-        assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
-        assert server.count == 2 and arrived.is_set()
-    req = chat_request(mlper_question('anxiety', 'body'), 'emonb-fake-llm')
-    assert {o[0].strip() for o in outs} == {req.key}
-    assert all_files(tmp_path) == [req.filename]            # one file, no temporary files left behind
-    assert read_entry(tmp_path/req.filename)['parsed'] == ['tense shoulders', 'fidgeting hands']
+# two processes filling one entry: see tests/test_prompt_cache_safety.py (with the per-request lock, one asks)
 
 # --- failures are clear errors, and nothing bad is cached ------------------------------------------------------------
 
