@@ -8,10 +8,22 @@ import argparse, sys, warnings
 import emonb
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'METHODS', 'build_parser', 'main']
+__all__ = ['USER_ERRORS', 'METHODS', 'DataCheckFailed', 'build_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #81462d54
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, KeyError)
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, KeyError, FloatingPointError)
+
+def _finite_float(s, low=None, high=None, low_open=True):
+    "argparse type: a finite float (NaN and infinities are refused), optionally in (low, high)"
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
+    if v != v or v in (float('inf'), float('-inf')): raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    if low is not None and (v <= low if low_open else v < low): raise argparse.ArgumentTypeError(f"expected a number {'>' if low_open else '>='} {low}, got {s!r}")
+    if high is not None and v >= high: raise argparse.ArgumentTypeError(f"expected a number < {high}, got {s!r}")
+    return v
+
+def _positive_float(s): return _finite_float(s, low=0)
+def _fraction(s): return _finite_float(s, low=0, high=1)
 
 def _positive_int(s):
     "argparse type: an integer >= 1"
@@ -34,7 +46,7 @@ def _add_quickstart(sub):
     p.add_argument('--n-test', type=_positive_int, default=700, help='test images to generate (default 700)')
     p.add_argument('--epochs', type=_positive_int, default=8, help='training epochs (default 8)')
     p.add_argument('--bs', type=_positive_int, default=64, help='batch size (default 64)')
-    p.add_argument('--lr', type=float, default=3e-3, help='maximum learning rate of the one-cycle schedule (default 3e-3)')
+    p.add_argument('--lr', type=_positive_float, default=3e-3, help='maximum learning rate of the one-cycle schedule (default 3e-3)')
     p.add_argument('--methods', default='all',
                    help="methods to compare after the classifier: 'all' (default: zeroshot,kefer,expclip,dferclip,mlper,cocoer), "
                         "'none', or a comma-separated list")
@@ -68,7 +80,7 @@ def _add_prompts(sub):
     b.add_argument('--base-url', default=None, help='OpenAI-compatible endpoint (default: $OPENAI_BASE_URL)')
     b.add_argument('--dry-run', action='store_true', help='only print what would be asked')
     b.add_argument('--offline', action='store_true', help='never call the network (a missing answer is an error)')
-    b.add_argument('--timeout', type=float, default=None, help='seconds per LLM request')
+    b.add_argument('--timeout', type=_positive_float, default=None, help='seconds per LLM request')
     b.add_argument('--max-retries', type=int, default=None, help='retries per LLM request')
     sh = ps.add_parser('show', parents=[common], help='print the texts a method will use, with their sources',
                        description='Print the texts a method will use for a label set, with their sources. Cache look-ups only.')
@@ -77,8 +89,11 @@ def _add_prompts(sub):
         from emonb.prompts import prompts_build, prompts_show
         labels = a.labels.split(',') if ',' in a.labels else a.labels
         if a.action == 'build':
-            prompts_build(a.method, labels, model=a.model, base_url=a.base_url, source=a.source, dry_run=a.dry_run,
-                          cache=a.cache, offline=True if a.offline else None, timeout=a.timeout, max_retries=a.max_retries)
+            r = prompts_build(a.method, labels, model=a.model, base_url=a.base_url, source=a.source, dry_run=a.dry_run,
+                              cache=a.cache, offline=True if a.offline else None, timeout=a.timeout, max_retries=a.max_retries)
+            if not r['ok']:   # build validates what it counts: a corrupt entry is never 'cached'
+                raise ValueError(f"{len(r['corrupt'])} corrupt prompt-cache entr{'y' if len(r['corrupt']) == 1 else 'ies'} left: "
+                                 f"{', '.join(map(str, r['corrupt']))} (run again with an LLM reachable to ask again)")
         else: prompts_show(a.method, labels, source=a.source, model=a.model, cache=a.cache, official=a.official)
     p.set_defaults(run=run)
 
@@ -100,7 +115,7 @@ def _add_crops(sub):
     p.add_argument('--rule', default='largest_face', choices=('largest_face', 'largest_person'), help='how the main subject is chosen')
     p.add_argument('--batch-size', type=_positive_int, default=8)
     p.add_argument('--device', default='cpu', help="detector device, e.g. cpu or 0 (default cpu)")
-    p.add_argument('--conf', type=float, default=0.25, help='detection confidence threshold (default 0.25)')
+    p.add_argument('--conf', type=_fraction, default=0.25, help='detection confidence threshold (default 0.25)')
     p.add_argument('--imgsz', type=_positive_int, default=640, help='detector input size (default 640)')
     p.add_argument('--max-side', type=_positive_int, default=512, help='longest side of saved crops (default 512)')
     p.add_argument('--format', default='png', choices=('png', 'jpg'), help='crop file format')
@@ -140,12 +155,14 @@ def _add_train(sub):
     p.add_argument('--dataset', required=True, help="reader: fer2013, rafdb, caer_s, fedro, ferplus, affectnet7/8, dfew, mafw, ferv39k, "
                                                     "afew, emotic, world (a scene set written by emonb.synth) or table (a CSV such as crops.csv)")
     p.add_argument('--root', required=True, help="the dataset's folder (fer2013: its archive; table: the CSV file)")
+    p.add_argument('--labels', default=None, metavar='SET', help="--dataset table: the label set its label / label_name columns use (e.g. rafdb, fer2013, ckplus); "
+                                                              "default: the table's dataset column")
     p.add_argument('--out', required=True, help='output folder (must be new or empty unless --overwrite)')
     p.add_argument('--epochs', type=_positive_int, default=None, help="training epochs (default: the paper's)")
     p.add_argument('--bs', type=_positive_int, default=None, help="batch size per process (default: the paper's)")
-    p.add_argument('--lr', type=float, default=None, help="learning rate where the recipe has one (default: the paper's)")
+    p.add_argument('--lr', type=_positive_float, default=None, help="learning rate where the recipe has one (default: the paper's)")
     p.add_argument('--seed', type=int, default=None, help='seed of training and of the validation split (default 0)')
-    p.add_argument('--valid-pct', type=float, default=0.1, help='share of training rows held out for validation if the dataset has no val split (default 0.1)')
+    p.add_argument('--valid-pct', type=_fraction, default=0.1, help='share of training rows held out for validation if the dataset has no val split (default 0.1)')
     p.add_argument('--size', type=_positive_int, default=None, help="input size in pixels (default: the method's)")
     p.add_argument('--n-frames', type=_positive_int, default=None, help='dferclip: frames per clip (default 16)')
     p.add_argument('--clip-model', default=None, help='open_clip architecture of the CLIP (default: the world CLIP shipped with emonb)')
@@ -170,11 +187,16 @@ def _add_train(sub):
                    help='fer2013, classifier or kefer: the small-image fast path with a FER2013 recipe (emonb.train.FER2013_PRESETS): '
                         'cpu = a half-width ResNet-18 in about 25 minutes on 2 cores, gpu = the reference CIFAR-style ResNet-18, 60 epochs')
     p.add_argument('--n-train', type=_positive_int, default=None, help='--preset runs: train on a stratified N of the training rows')
+    p.add_argument('--max-steps', type=_positive_int, default=None, help='end training after N optimiser steps, the learning-rate schedule compressed to them (a quick run or a smoke test)')
     p.add_argument('--threads', type=_positive_int, default=None, help="torch's CPU threads (default: torch's choice; on a busy 2-core machine 1 can be faster)")
+    p.add_argument('--on-bad-file', default='raise', choices=('raise', 'skip', 'report'),
+                   help='before training every file is opened once (cached per table fingerprint): raise = stop, naming every bad file (default); '
+                        'skip = leave them out, listed on the console and in the report; report = only list them (and classes missing from a split), train nothing')
+    p.add_argument('--strict', action='store_true', help='a class with no samples in a split is an error, not a note')
     p.add_argument('--overwrite', action='store_true', help='replace the contents of an existing output folder')
     p.add_argument('--no-progress', action='store_true', help='hide the progress bars and training log')
     def run(a):
-        from emonb.train import train, read_training_table, load_clip, train_fer2013
+        from emonb.train import train, read_training_table, load_clip, train_fer2013, check_table_files
         import torch
         if a.threads is not None: torch.set_num_threads(a.threads)
         if a.test_split is not None and a.dataset != 'fer2013': raise ValueError("--test-split is a fer2013 option")
@@ -183,7 +205,9 @@ def _add_train(sub):
                 raise ValueError("--preset and --n-train are for --dataset fer2013 with the classifier or kefer")
             from emonb.data import read_fer2013
             df = read_fer2013(a.root, test_split=a.test_split or 'PublicTest', valid_pct=a.valid_pct, seed=a.seed or 0)
-            _, met = train_fer2013(df, a.out, preset=a.preset or 'cpu', method=a.method, epochs=a.epochs, lr=a.lr, n_train=a.n_train,
+            if a.on_bad_file == 'report': return _report_files(check_table_files, df, a)
+            df = check_table_files(df, a.on_bad_file, strict=a.strict, out=None if a.no_progress else print)
+            _, met = train_fer2013(df, a.out, preset=a.preset or 'cpu', method=a.method, epochs=a.epochs, lr=a.lr, n_train=a.n_train, max_steps=a.max_steps,
                                    device=a.device, overwrite=a.overwrite, progress=not a.no_progress)
             print(f"{a.method} (fer2013 preset {a.preset or 'cpu'}) on fer2013: test WAR {met['war']:.2%}  UAR {met['uar']:.2%}  (n={met['n']}); "
                   f"report in {a.out}/report; model bundle {a.out}/model.safetensors")
@@ -216,9 +240,11 @@ def _add_train(sub):
         if a.test_split is not None:
             from emonb.data import read_fer2013
             df = read_fer2013(a.root, test_split=a.test_split, valid_pct=a.valid_pct, seed=a.seed or 0)
-        else: df = read_training_table(a.dataset, a.root)
+        else: df = read_training_table(a.dataset, a.root, labels=a.labels)
+        if a.on_bad_file == 'report': return _report_files(check_table_files, df, a)
         _, met = train(m, df, a.out, clip=clip, epochs=a.epochs, bs=a.bs, lr=a.lr, seed=a.seed, device=a.device,
-                       valid_pct=a.valid_pct, overwrite=a.overwrite, progress=not a.no_progress, teacher=a.teacher, variant=a.variant, **kw)
+                       valid_pct=a.valid_pct, overwrite=a.overwrite, progress=not a.no_progress, teacher=a.teacher, variant=a.variant,
+                       max_steps=a.max_steps, on_bad_file=a.on_bad_file, strict=a.strict, **kw)
         if is_main_process():
             r = met.get('run', {}); c = r.get('clip_checkpoint')
             what = ', '.join(x for x in (f"variant {r['variant']}" if r.get('variant') else '',
@@ -226,6 +252,15 @@ def _add_train(sub):
             print(f"{m}{' (' + what + ')' if what else ''} on {a.dataset}: test WAR {met['war']:.2%}  UAR {met['uar']:.2%}  (n={met['n']}); report in {a.out}/report"
                   + (f"; model bundle {met['bundle']}" if met.get('bundle') else ''))
     p.set_defaults(run=run)
+
+def _report_files(check, df, a):
+    "`emonb train --on-bad-file report`: list the table's bad files and missing classes; raise (status 2) if there are any."
+    res = check(df, 'report', out=print)
+    bad, notes = res.attrs['bad_files'], [o for o in res.attrs['problems'] if o['problem'] == 'class with no samples']
+    if bad or (notes and a.strict): raise DataCheckFailed(f"{bad} bad file(s) in {len(df)}; nothing was trained")
+    print(f"{a.dataset}: all {len(df)} files can be read" + (f"; {len(notes)} split(s) miss a class (see above)" if notes else '') + "; nothing was trained")
+
+class DataCheckFailed(ValueError): "`--on-bad-file report` found bad files."
 
 def _add_predict(sub):
     p = sub.add_parser('predict', help='emotion probabilities of every face in images, folders or videos, as a CSV table',
@@ -360,18 +395,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     return parser
 
-def main(argv=None) -> int:
+def main(argv=None, _args=None) -> int:
     "Entry point of the `emonb` console script; returns the exit status."
     # a dependency scripts a function at import time; torch's deprecation notice about it is not for our users
     warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _args or parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
     try: args.run(args)
     except _user_errors() as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        if msg.startswith('Exception occured in `'): msg = msg.split('\n\t', 1)[-1]   # fastai's wrapping of a callback's error
         print(f"emonb {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nemonb {args.command}: interrupted{_resume_hint(args, argv)}", file=sys.stderr)
+        return 130
     return 0
+
+def _resume_hint(args, argv) -> str:
+    "For an interrupted `emonb train`: the command that continues it from its last checkpoint."
+    if args.command != 'train': return ''
+    import shlex
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [x for x in argv if x != '--overwrite'] + ([] if '--resume' in argv else ['--resume'])
+    return f"; the epochs finished so far are checkpointed in {args.out}. Continue with:\n  emonb {shlex.join(argv)}"

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 from fastai.learner import Learner
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException, CancelTrainException
 from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, combine_scheds
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import set_seed, rank_distrib, num_distrib
@@ -21,8 +21,8 @@ from .core import atomic_write_bytes, atomic_write_json, is_main_process
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'TrainConfig', 'lr_schedule', 'barrier', 'unwrap_model', 'EpochCheckpoint', 'resume',
-           'load_best', 'uses_cuda', 'make_learner', 'fit', 'GlooDistributedDL', 'EmonbDistributedTrainer',
-           'distributed_ctx']
+           'load_best', 'NonFiniteLossError', 'checkpoint_dir', 'StopOnNonFinite', 'StepBudget', 'RunETA', 'uses_cuda',
+           'make_learner', 'fit', 'GlooDistributedDL', 'EmonbDistributedTrainer', 'distributed_ctx']
 
 # %% ../nbs/08_learner.ipynb #8c160249
 OPTIMIZERS = {'sgd': torch.optim.SGD, 'adam': torch.optim.Adam, 'adamw': torch.optim.AdamW}
@@ -48,13 +48,18 @@ class TrainConfig:
     monitor: str = 'valid_loss'        # metric that selects the best epoch (on validation)
     checkpoint: bool = True
     keep_epochs: bool = True           # also keep epoch_<k>.pth (False: only last.pth and best.pth, for big models)
+    max_steps: int | None = None       # stop after this many optimiser steps, the schedule compressed to them (None: all epochs)
 
     def __post_init__(self):
         if self.opt not in OPTIMIZERS: raise ValueError(f"opt must be one of {list(OPTIMIZERS)}, got {self.opt!r}")
         if self.schedule not in SCHEDULES: raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in ('auto', 'bf16', 'fp16', 'fp32'): raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.epochs < 1: raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        for name in ('lr', 'momentum', 'wd', 'betas', 'gamma', 'warmup_epochs'):   # NaN passes every comparison: test it by name
+            if not np.isfinite(np.asarray(getattr(self, name), dtype=float)).all(): raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
         if any(l <= 0 for l in np.atleast_1d(self.lr)): raise ValueError(f"learning rates must be positive, got {self.lr}")
+        if self.wd < 0: raise ValueError(f"wd must be >= 0, got {self.wd}")
+        if self.max_steps is not None and self.max_steps < 1: raise ValueError(f"max_steps must be >= 1 (or None), got {self.max_steps}")
 
 # %% ../nbs/08_learner.ipynb #35cf6eda
 def lr_schedule(config: TrainConfig):
@@ -159,6 +164,79 @@ def load_best(learn) -> dict:
     learn.model.load_state_dict(s['model'])
     return {k: s[k] for k in ('epoch', 'value', 'monitor')}
 
+# %% ../nbs/08_learner.ipynb #26280182
+class NonFiniteLossError(FloatingPointError):
+    "Training stopped because a training loss was NaN or infinite."
+
+def checkpoint_dir(learn) -> Path:
+    "The folder where `EpochCheckpoint` writes `learn`'s checkpoints."
+    return Path(learn.path)/learn.model_dir/'checkpoints'
+
+class StopOnNonFinite(Callback):
+    "Raise `NonFiniteLossError` (epoch, batch, last good checkpoint) as soon as a training loss is not finite, before its backward pass."
+    order = -5
+    def after_loss(self):
+        if not self.training or bool(torch.isfinite(self.learn.loss).all()): return
+        last = checkpoint_dir(self.learn)/'last.pth'
+        kept = (f"the weights of the last finished epoch are in {last}" if last.is_file() and self.epoch > 0
+                else "no epoch finished, so there is no checkpoint to keep")
+        raise NonFiniteLossError(f"the training loss is {float(self.learn.loss.detach().float().mean())} at epoch {self.epoch + 1}/{self.n_epoch}, "
+                                 f"batch {self.iter + 1}/{self.n_iter}; training stopped and nothing was evaluated or bundled; {kept}. "
+                                 f"Lower the learning rate, or check the inputs of that batch")
+
+class StepBudget(Callback):
+    "End training after `max_steps` optimiser steps, the schedule compressed to them (its position is steps done / `max_steps`)."
+    order = 99   # after the checkpoint (61) and the scheduler (60)
+    def __init__(self, max_steps: int): self.max_steps = max_steps
+    def before_fit(self): self.per_epoch = len(self.dls.train)   # learn.n_iter is the length of the loader running now
+    def _done(self, in_epoch: int) -> int: return self.epoch * self.per_epoch + in_epoch
+    def before_train(self): self.learn.pct_train = min(1., self._done(0) / self.max_steps)
+    def after_batch(self):
+        if not self.training: return
+        done = self._done(self.iter + 1)
+        self.learn.pct_train = min(1., done / self.max_steps)
+        if done >= self.max_steps: raise CancelTrainException
+    def after_cancel_train(self): self.learn.recorder.cancel_train = False   # a budget's end is no cancel: log the epoch's train loss
+    def after_epoch(self):
+        if self._done(self.per_epoch) >= self.max_steps: raise CancelFitException
+
+def _clock(s: float) -> str:
+    s = int(round(s)); return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+class RunETA(Callback):
+    "Print the whole run's elapsed time and time left: `first_after` seconds into training, then after every epoch."
+    order = 100
+    def __init__(self, first_after: float = 20., max_steps: int = None, out=print):
+        self.first_after, self.max_steps, self.out = first_after, max_steps, out
+    def before_fit(self):
+        self.t0, self.t_train, self.n_train, self.t_valid, self.n_valid, self.said_first = time.monotonic(), 0., 0, 0., 0, False
+        self.per_epoch = len(self.dls.train)
+        self.skip = getattr(self.learn, '_start_epoch', 0) * self.per_epoch   # steps done before a resume
+        total = self.n_epoch * self.per_epoch
+        self.total = min(total, self.max_steps) if self.max_steps else total
+        self.n_epochs_run = -(-self.total // self.per_epoch)
+    def before_batch(self): self.tb = time.monotonic()
+    def after_batch(self):
+        if not self.training: return
+        self.t_train += time.monotonic() - self.tb; self.n_train += 1
+        if not self.said_first and time.monotonic() - self.t0 >= self.first_after:
+            self.said_first = True; self._say(f"epoch {self.epoch + 1}/{self.n_epochs_run}, batch {self.iter + 1}/{self.per_epoch}")
+    def before_validate(self): self.tv = time.monotonic()
+    def after_validate(self): self.t_valid += time.monotonic() - self.tv; self.n_valid += 1
+    def after_epoch(self):
+        if self.n_train: self._say(f"epoch {self.epoch + 1}/{self.n_epochs_run} done")
+    def eta(self) -> float:
+        "Seconds left: training batches at the measured rate, validation passes at theirs (estimated before the first)."
+        per_batch = self.t_train / max(self.n_train, 1)
+        per_valid = self.t_valid / self.n_valid if self.n_valid else 0.4 * per_batch * len(self.dls.valid)
+        steps_left = max(self.total - self.skip - self.n_train, 0)
+        passes_left = self.n_epochs_run - getattr(self.learn, '_start_epoch', 0) - self.n_valid
+        return steps_left * per_batch + max(passes_left, 0) * per_valid
+    def _say(self, where: str):
+        el, left = time.monotonic() - self.t0, self.eta()
+        self.out(f"[{where}] {_clock(el)} elapsed, about {_clock(left)} left "
+                 f"(ends about {time.strftime('%H:%M', time.localtime(time.time() + left))})")
+
 # %% ../nbs/08_learner.ipynb #0f3028df
 def _opt_func(config: TrainConfig):
     if config.opt == 'sgd': kw = dict(momentum=config.momentum, weight_decay=config.wd, nesterov=config.nesterov)
@@ -190,7 +268,7 @@ def make_learner(dls, model: nn.Module, loss_func, config: TrainConfig, splitter
     return learn
 
 def fit(learn: Learner, config: TrainConfig = None, resume_from=None, start_epoch: int = 0, distributed='auto', quiet: bool = False):
-    "Train with the recipe's schedule; `resume_from` a checkpoint file continues a stopped run exactly. `distributed='auto'` trains data-parallel when launched in several processes; `quiet` hides the progress bars and the epoch table."
+    "Train with the recipe's schedule; `resume_from` a checkpoint file continues a stopped run exactly. `distributed='auto'` trains data-parallel when launched in several processes; `quiet` hides the progress bars, the epoch table and the ETA lines. A non-finite training loss stops the run (`NonFiniteLossError`); `config.max_steps` ends it after that many steps."
     config = config or learn.train_config
     dist = num_distrib() > 1 if distributed == 'auto' else bool(distributed)
     if dist and num_distrib() < 2:
@@ -207,11 +285,15 @@ def fit(learn: Learner, config: TrainConfig = None, resume_from=None, start_epoc
         set_seed(config.seed + 7919 * rank, reproducible=True); learn._resume_state = None   # each process its own augmentations
         for i, dl in enumerate(learn.dls.loaders): dl.rng = random.Random(config.seed * 1000 + i)   # shuffling follows the seed
     learn._start_epoch = start_epoch
-    sched = ParamScheduler({'lr': lr_schedule(config)})
+    cbs, epochs = [ParamScheduler({'lr': lr_schedule(config)}), StopOnNonFinite()], config.epochs
+    n_iter = len(learn.dls.train)
+    if config.max_steps is not None and config.max_steps < epochs * n_iter:
+        epochs = -(-config.max_steps // n_iter); cbs.append(StepBudget(config.max_steps))
+    if not quiet and rank == 0: cbs.append(RunETA(max_steps=config.max_steps))
     lr = np.array(np.atleast_1d(config.lr), dtype=float)
     with distributed_ctx(learn) if dist else nullcontext(), learn.no_bar() if quiet else nullcontext(), \
          learn.no_logging() if quiet else nullcontext():
-        learn.fit(config.epochs, lr=lr if len(lr) > 1 else float(lr[0]), cbs=[sched], start_epoch=start_epoch,
+        learn.fit(epochs, lr=lr if len(lr) > 1 else float(lr[0]), cbs=cbs, start_epoch=start_epoch,
                   reset_opt=resume_from is None and start_epoch == 0)
     return learn
 

@@ -6,11 +6,12 @@
 from __future__ import annotations
 from pathlib import Path
 from dataclasses import replace
-import time, json
+import hashlib, json, os, time
+import numpy as np
 import pandas as pd
 import torch
-from .core import label_set, prepare_output_dir, atomic_write_bytes, atomic_write_json, is_main_process, VARIANTS, check_variant
-from .data import read_dfew, read_mafw, read_ferv39k, read_afew, read_emotic, split_validation, parse_box
+from .core import label_set, LABEL_SETS, canonical_name, emonb_home, atomic_write_text, prepare_output_dir, atomic_write_bytes, atomic_write_json, is_main_process, VARIANTS, check_variant
+from .data import IMAGE_EXTS, DataError, ProblemReport, check_images, check_frames, read_dfew, read_mafw, read_ferv39k, read_afew, read_emotic, split_validation, parse_box
 from .encoders import ClipEncoder, HFTextEncoder
 from .worldclip import world_clip_encoder
 from .learner import TrainConfig
@@ -23,32 +24,92 @@ from .cocoer import train_cocoer, cocoer_config, world_table, COCOER_BATCH_SIZE
 from .predict import DATASET_READERS, bundle_from_run
 
 # %% auto #0
-__all__ = ['TRAIN_METHODS', 'TRAIN_READERS', 'VARIANT_METHODS', 'FER2013_PRESETS', 'FER2013_NORMALIZE', 'read_table',
-           'read_training_table', 'load_clip', 'default_variant', 'train', 'train_fer2013']
+__all__ = ['TRAIN_METHODS', 'TABLE_COLUMNS', 'TRAIN_READERS', 'ON_BAD_FILE', 'VARIANT_METHODS', 'FER2013_PRESETS',
+           'FER2013_NORMALIZE', 'table_schema', 'read_table', 'read_training_table', 'load_clip', 'check_table_files',
+           'default_variant', 'train', 'train_fer2013']
 
 # %% ../nbs/18_train.ipynb #47000d61
 TRAIN_METHODS = {'classifier': 'faces', 'kefer': 'faces', 'expclip': 'faces', 'dferclip': 'videos', 'mlper': 'scenes', 'cocoer': 'scenes'}
 
-def read_table(csv) -> pd.DataFrame:
-    "A sample table saved as CSV (e.g. `emonb crops`' crops.csv): path, label, split (+ face_box, body_box); relative paths resolve against the CSV's folder."
+TABLE_COLUMNS = {
+    'path': "the sample's file (image, frame folder or video); relative paths resolve against the CSV's folder. Required",
+    'split': "train, val or test. Required (without val rows a stratified share of train is held out to validate on)",
+    'label': "the class index, 0-based, in the label set. This or label_name is required; with both they must agree",
+    'label_name': "the class name in any usual spelling (happiness, happy, Happy...), mapped onto the label set",
+    'dataset': "the label set's name, one value for all rows (or pass labels= / --labels)",
+    'face_box, body_box': "boxes as 'x0 y0 x1 y1' in pixels, for the scene methods (emonb crops writes them)"}
+
+def table_schema() -> str:
+    "`TABLE_COLUMNS` as the text `emonb train --help` shows."
+    return 'a sample table (--dataset table) is a CSV with the columns:\n' + '\n'.join(f"  {k}: {v}" for k, v in TABLE_COLUMNS.items())
+
+def _bad_rows(csv, mask, what: str) -> ValueError:
+    "An error naming the CSV lines (header = line 1) where `mask` is true."
+    lines = (np.flatnonzero(np.asarray(mask)) + 2).tolist()
+    shown = ', '.join(map(str, lines[:8])) + (f" ... ({len(lines)} in all)" if len(lines) > 8 else '')
+    return ValueError(f"{csv}: {what} on line(s) {shown}")
+
+def _table_label_set(csv, df, labels):
+    "The label set of a table: `labels`, else its single `dataset` value; they must agree when both are given."
+    names = sorted(df.dataset.dropna().astype(str).unique()) if 'dataset' in df.columns else []
+    if labels is None:
+        if len(names) != 1:
+            raise ValueError(f"{csv}: name the label set of its labels with labels= (--labels), one of {', '.join(LABEL_SETS)}"
+                             + (f"; its dataset column has {len(names)} values: {names[:5]}" if names else '; it has no dataset column'))
+        return label_set(names[0])
+    ls = label_set(labels)
+    if names and any(label_set(n).name != ls.name for n in names):
+        raise ValueError(f"{csv}: labels={labels!r} but its dataset column says {names[:5]}: drop the column or pass the set it names")
+    return ls
+
+def _table_labels(csv, df, ls) -> np.ndarray:
+    "Each row's class index in `ls`, from `label` and/or `label_name`, every value checked."
+    n, idx = len(ls.names), None
+    if 'label' in df.columns:
+        num = pd.to_numeric(df.label, errors='coerce')
+        bad = num.isna() | (num != num.round()) | (num < 0) | (num >= n)
+        if bad.any(): raise _bad_rows(csv, bad, f"a label that is not a class index of {ls.name} (an integer in 0..{n - 1})")
+        idx = num.astype(np.int64).to_numpy()
+    if 'label_name' in df.columns:
+        def index(s):
+            try: return ls.names.index(canonical_name(str(s)))
+            except ValueError: return -1
+        by_name = np.array([index(s) if isinstance(s, str) else -1 for s in df.label_name])
+        if (by_name < 0).any(): raise _bad_rows(csv, by_name < 0, f"a label_name that is none of {ls.name}'s classes ({', '.join(ls.names)})")
+        if idx is not None and (idx != by_name).any():
+            raise _bad_rows(csv, idx != by_name, f"label and label_name disagree (label indexes {ls.name}'s classes {list(ls.names)})")
+        idx = by_name
+    return idx
+
+def read_table(csv, labels=None) -> pd.DataFrame:
+    "A sample table saved as CSV (`TABLE_COLUMNS`; e.g. `emonb crops`' crops.csv), every label checked against the label set `labels` (default: the table's `dataset` column)."
     csv = Path(csv)
     if not csv.is_file(): raise FileNotFoundError(f"sample table {csv} does not exist")
     df = pd.read_csv(csv)
-    missing = [c for c in ('path', 'label', 'split') if c not in df.columns]
-    if missing: raise ValueError(f"{csv} has no {', '.join(map(repr, missing))} column(s): a sample table needs path, label and split")
+    missing = [c for c in ('path', 'split') if c not in df.columns] + ([] if {'label', 'label_name'} & set(df.columns) else ['label (or label_name)'])
+    if missing: raise ValueError(f"{csv} has no {', '.join(missing)} column(s).\n{table_schema()}")
+    bad = ~df.split.isin(['train', 'val', 'test'])
+    if bad.any(): raise _bad_rows(csv, bad, "a split that is not train, val or test")
+    ls = _table_label_set(csv, df, labels)
+    if not ls.multi_label:   # multi-label tables carry their targets in their own columns
+        idx = _table_labels(csv, df, ls)
+        df['label'], df['label_name'] = idx, [ls.names[i] for i in idx]
+    df['dataset'] = ls.name
     df['path'] = [str(p if Path(p).is_absolute() else csv.parent/p) for p in df.path]
     for c in ('face_box', 'body_box'):
         if c in df.columns: df[c] = [parse_box(b, where=f"{csv} row {i}") if isinstance(b, str) else b for i, b in enumerate(df[c])]
-    if 'dataset' in df.columns and df.dataset.nunique() == 1: df.attrs['label_set'] = df.dataset.iloc[0]
+    df.attrs.update(label_set=ls.name, dataset=f'table {csv.name}')
     return df
 
 TRAIN_READERS = {**DATASET_READERS, 'dfew': read_dfew, 'mafw': read_mafw, 'ferv39k': read_ferv39k, 'afew': read_afew,
                  'emotic': read_emotic, 'world': world_table, 'table': read_table}
 
-def read_training_table(dataset: str, root) -> pd.DataFrame:
-    "The sample table of `dataset` at `root`: an emonb reader's name, 'world' (a scene dataset written by `emonb.synth`, with its boxes) or 'table' (a CSV file)."
+def read_training_table(dataset: str, root, labels=None) -> pd.DataFrame:
+    "The sample table of `dataset` at `root`: an emonb reader's name, 'world' (a scene dataset written by `emonb.synth`, with its boxes) or 'table' (a CSV file; `labels` names its label set)."
     if dataset not in TRAIN_READERS:
         raise ValueError(f"unknown dataset {dataset!r}: one of {', '.join(TRAIN_READERS)}")
+    if dataset == 'table': return read_table(root, labels=labels)
+    if labels is not None: raise ValueError(f"labels= (--labels) names the label set of a table; the {dataset} reader knows its own")
     return TRAIN_READERS[dataset](root)
 
 def load_clip(clip_model: str = None, weights=None, device='cpu', activation: str = None) -> ClipEncoder:
@@ -61,6 +122,69 @@ def load_clip(clip_model: str = None, weights=None, device='cpu', activation: st
         raise ValueError(f"clip_model={clip_model!r} needs weights=: a local weights file (emonb never downloads; put the file "
                          f"in $EMONB_HOME/weights or pass its path)")
     return ClipEncoder.from_pretrained(clip_model, weights, device=device, activation=activation)
+
+# %% ../nbs/18_train.ipynb #0475ac16
+ON_BAD_FILE = ('raise', 'skip', 'report')
+
+def _table_stamp(df: pd.DataFrame) -> str:
+    "A fingerprint of the table's files: each path with its size and modification time (or 'missing')."
+    h = hashlib.sha256()
+    for p in df.path.astype(str):
+        try: s = os.stat(p); h.update(f'{p}\0{s.st_size}\0{s.st_mtime_ns}\n'.encode())
+        except OSError: h.update(f'{p}\0missing\n'.encode())
+    return h.hexdigest()[:24]
+
+def _find_problems(df: pd.DataFrame) -> list:
+    "Every problem of the table's files (ProblemReport items), whatever the policy."
+    if 'n_frames' in df.columns and len(df) and Path(df.path.iloc[0]).is_dir(): checked = check_frames(df, policy='skip')
+    else:
+        is_image = df.path.astype(str).str.lower().str.endswith(IMAGE_EXTS)
+        checked = check_images(df[is_image].reset_index(drop=True), policy='skip')
+        report = ProblemReport('files')
+        for p in df.path[~is_image]:
+            if not Path(p).exists(): report.add(p, 'missing file')
+        checked.attrs['problems'] = list(checked.attrs.get('problems', [])) + report.items
+    known = {id(o) for o in df.attrs.get('problems', [])}
+    return [o for o in checked.attrs.get('problems', []) if id(o) not in known]
+
+def _empty_classes(df: pd.DataFrame) -> list:
+    "Notes for each class of the label set with no sample in a split that has samples."
+    if 'label' not in df.columns or df.attrs.get('label_set') is None: return []
+    ls = label_set(df.attrs['label_set'])
+    if ls.multi_label: return []
+    out = []
+    for split, g in df.groupby('split'):
+        absent = [n for i, n in enumerate(ls.names) if not (g.label == i).any()]
+        if absent: out.append(dict(path=f'split {split}', problem='class with no samples', detail=', '.join(absent),
+                                   action=f'{split} has {len(ls.names) - len(absent)} of {len(ls.names)} classes', severity='note'))
+    return out
+
+def check_table_files(df: pd.DataFrame, on_bad_file: str = 'raise', strict: bool = False, cache: bool = True, out=print) -> pd.DataFrame:
+    "Open every file of `df` once before training (cached per fingerprint); by `on_bad_file` raise naming every bad file, or 'skip' them. Classes absent from a split are reported (errors if `strict`)."
+    if on_bad_file not in ON_BAD_FILE: raise ValueError(f"on_bad_file must be one of {ON_BAD_FILE}, got {on_bad_file!r}")
+    folder = emonb_home()/'cache'/'checks'
+    record = folder/f'{_table_stamp(df)}.json'
+    if cache and record.is_file(): problems = json.loads(record.read_text())['problems']
+    else:
+        t0 = time.monotonic(); problems = _find_problems(df)
+        if cache: atomic_write_json(record, dict(n=len(df), seconds=round(time.monotonic() - t0, 1), problems=problems))
+    report = ProblemReport(df.attrs.get('dataset', 'table'), [dict(o) for o in problems])
+    bad = report.errors
+    listing = folder/f'{record.stem}.csv'
+    if bad: atomic_write_text(listing, report.to_frame().to_csv(index=False))
+    notes = _empty_classes(df)
+    if notes and strict:
+        raise DataError('; '.join(f"{o['path']} has no samples of {o['detail']}" for o in notes) + " (strict: no class may be missing)")
+    if bad and on_bad_file == 'raise':
+        raise DataError(f"{len(bad)} of {len(df)} files cannot be used:\n{report.summary(max_items=20)}\nthe full list: {listing}\n"
+                        f"Leave them out with on_bad_file='skip' (--on-bad-file skip), or replace them")
+    for o in bad: o['action'] = 'left out' if on_bad_file == 'skip' else 'listed'
+    if out and (bad or notes):
+        out(ProblemReport(report.dataset, report.items + notes).summary(max_items=20) + (f"\nthe full list: {listing}" if bad else ''))
+    keep = ~df.path.astype(str).isin({o['path'] for o in bad}) if on_bad_file == 'skip' else np.ones(len(df), bool)
+    res = df[keep].reset_index(drop=True)
+    res.attrs = {**df.attrs, 'problems': list(df.attrs.get('problems', [])) + report.items + notes, 'bad_files': len(bad)}
+    return res
 
 # %% ../nbs/18_train.ipynb #e9207e46
 VARIANT_METHODS = {'classifier': VARIANTS, 'kefer': VARIANTS, 'expclip': VARIANTS, 'dferclip': VARIANTS, 'cocoer': VARIANTS,
@@ -95,15 +219,23 @@ def _teacher(teacher, device, variant='official') -> Teacher:
 
 def train(method: str, df: pd.DataFrame, out, clip: ClipEncoder = None, epochs: int = None, bs: int = None, lr: float = None,
           seed: int = None, config=None, device=None, valid_pct: float = 0.1, overwrite: bool = False, progress: bool = True,
-          teacher=None, bundle: bool = True, variant: str = None, **kw) -> tuple:
-    "Train `method` on the sample table `df` with its recipe — the `variant` (default: 'official' where the method has official code, else 'paper') and these overrides; test once; write `out` (and `out/model.safetensors` for `emonb.predict`). Returns (learner or info, test metrics)."
+          teacher=None, bundle: bool = True, variant: str = None, max_steps: int = None, on_bad_file: str = None, strict: bool = False,
+          **kw) -> tuple:
+    "Train `method` on the sample table `df` with its recipe — the `variant` (default: 'official' where the method has official code, else 'paper') and these overrides; test once; write `out` (and `out/model.safetensors` for `emonb.predict`). `max_steps` ends training after that many optimiser steps, the schedule compressed to them. `on_bad_file` ('raise' or 'skip') first checks every file (`check_table_files`; `strict`: a class missing from a split is an error too). Returns (learner or info, test metrics)."
     if method in VARIANT_METHODS:
         variant = check_variant(variant or default_variant(method, clip, **kw), method, VARIANT_METHODS[method])
         if len(VARIANT_METHODS[method]) > 1: kw['variant'] = variant
     if clip is None and method in ('dferclip', 'expclip', 'mlper', 'cocoer'):
         clip = world_clip_encoder(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    result = _train(method, df, out, clip, epochs, bs, lr, seed, config, device, valid_pct, overwrite, progress, teacher, **kw)
+    checked = None
+    if on_bad_file is not None or strict:
+        if on_bad_file == 'report': raise ValueError("on_bad_file='report' only checks: call check_table_files (emonb train --on-bad-file report)")
+        df = check_table_files(df, on_bad_file or 'raise', strict=strict, out=print if progress and is_main_process() else None)
+        checked = dict(bad_files_left_out=[o['path'] for o in df.attrs['problems'] if o['severity'] == 'error'],
+                       notes=[f"{o['path']}: {o['problem']} ({o['detail']})" for o in df.attrs['problems'] if o['severity'] == 'note'])
+    result = _train(method, df, out, clip, epochs, bs, lr, seed, config, device, valid_pct, overwrite, progress, teacher, max_steps, **kw)
     info = dict(variant=variant, clip_checkpoint=clip.describe() if clip is not None else None)
+    if checked is not None: info['file_check'] = checked
     result[1].setdefault('run', {}).update(info)
     if is_main_process(): _record_run(out, **info)
     if bundle and method != 'expclip' and is_main_process():   # Exp-CLIP's output is its projection file
@@ -120,7 +252,7 @@ def _record_run(out, **info):
             run[k] = v
         atomic_write_json(f, m)
 
-def _train(method, df, out, clip, epochs, bs, lr, seed, config, device, valid_pct, overwrite, progress, teacher, **kw) -> tuple:
+def _train(method, df, out, clip, epochs, bs, lr, seed, config, device, valid_pct, overwrite, progress, teacher, max_steps, **kw) -> tuple:
     if method not in TRAIN_METHODS: raise ValueError(f"unknown method {method!r}: one of {', '.join(TRAIN_METHODS)}")
     for c in ('path', 'label', 'split'):
         if c not in df.columns: raise ValueError(f"the sample table has no {c!r} column (read it with an emonb reader)")
@@ -128,6 +260,7 @@ def _train(method, df, out, clip, epochs, bs, lr, seed, config, device, valid_pc
     if method != 'expclip' and not (df.split == 'val').any():   # select on validation, never on test
         attrs = dict(df.attrs); df = split_validation(df, valid_pct, seed or 0); df.attrs.update(attrs)
     config = _recipe(method, df, epochs, lr, seed, config, kw)
+    if max_steps is not None: config = replace(config, max_steps=max_steps)
     dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if method in ('classifier', 'kefer'):
         fn = train_kefer if method == 'kefer' else train_classifier
@@ -175,9 +308,9 @@ def _take_train(df: pd.DataFrame, n_train: int, seed: int = 0) -> pd.DataFrame:
     return out
 
 def train_fer2013(df: pd.DataFrame, out, preset: str = 'cpu', method: str = 'classifier', epochs: int = None, lr: float = None,
-                  n_train: int = None, threads: int = None, device=None, text_encoder=None, overwrite: bool = False,
+                  n_train: int = None, max_steps: int = None, threads: int = None, device=None, text_encoder=None, overwrite: bool = False,
                   progress: bool = True, bundle: bool = True, **kw) -> tuple:
-    "Train a FER2013 expression `method` ('classifier' or 'kefer') on the small-image fast path with a `FER2013_PRESETS` recipe: grey 48-px images on the device, reflect-pad crop + flip + random erasing, a one-cycle schedule, label smoothing 0.1 (classifier), selection on validation WAR, hflip test-time averaging; bundle it. Returns (learner, test metrics)."
+    "Train a FER2013 expression `method` ('classifier' or 'kefer') on the small-image fast path with a `FER2013_PRESETS` recipe: grey 48-px images on the device, reflect-pad crop + flip + random erasing, a one-cycle schedule, label smoothing 0.1 (classifier), selection on validation WAR, hflip test-time averaging; bundle it. `n_train` trains on a stratified subset, `max_steps` stops after that many steps (the schedule compressed). Returns (learner, test metrics)."
     if preset not in FER2013_PRESETS: raise ValueError(f"preset must be one of {list(FER2013_PRESETS)}, got {preset!r}")
     if method not in ('classifier', 'kefer'): raise ValueError(f"method must be 'classifier' or 'kefer', got {method!r}")
     d = dict(FER2013_PRESETS[preset])
@@ -186,7 +319,7 @@ def train_fer2013(df: pd.DataFrame, out, preset: str = 'cpu', method: str = 'cla
         torch.set_num_threads(threads)
     if n_train is not None: df = _take_train(df, n_train)
     config = TrainConfig(epochs=epochs or d['epochs'], lr=lr or d['lr'], opt=d['opt'], momentum=0.9, nesterov=d['opt'] == 'sgd',
-                         wd=d['wd'], schedule='one_cycle', monitor='war', keep_epochs=False)
+                         wd=d['wd'], schedule='one_cycle', monitor='war', keep_epochs=False, max_steps=max_steps)
     dls = small_image_dataloaders(df, bs=d['bs'], normalize=FER2013_NORMALIZE, device=device)
     common = dict(arch=d['arch'], stem=d['stem'], encoder_kw=dict(in_chans=1, **d['encoder_kw']), size=dls.cache.size, bs=d['bs'],
                   config=config, normalize=FER2013_NORMALIZE, hflip_tta=True, dls=dls, overwrite=overwrite, progress=progress,
