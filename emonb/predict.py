@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-import os, io, json, math, time, shutil, logging, contextlib, datetime, platform, warnings
+import os, io, json, math, time, shutil, logging, contextlib, datetime, platform, warnings, hashlib
 import numpy as np, pandas as pd
 import torch
 from torch import nn
@@ -36,18 +36,19 @@ from .dferclip import DFERCLIP
 
 # %% auto #0
 __all__ = ['BUNDLE_KEY', 'BUNDLE_VERSION', 'OUTPUTS', 'METHODS', 'INTERPOLATIONS', 'CROP_RULES', 'KNOWN_WEIGHTS',
-           'WEIGHT_SUFFIXES', 'VIDEO_EXTS', 'FER2013_MODEL', 'NO_FACE_POLICIES', 'ON_ERROR', 'BASE_COLUMNS',
-           'RUN_METHODS', 'DATASET_READERS', 'MethodSpec', 'register_method', 'method_spec', 'random_clip',
-           'build_visual', 'quickstart_network', 'clip_source', 'load_clip_source', 'build_clip', 'input_spec',
-           'clip_input_spec', 'level_size', 'image_transform', 'weights_dir', 'resolve_weights', 'Bundle',
-           'save_bundle', 'bundle_header', 'load_bundle', 'install_weights', 'Source', 'array_to_image', 'read_image',
-           'expand_sources', 'Frame', 'video_frame_count', 'iter_frames', 'write_video', 'Predictor',
-           'prompt_templates', 'ZeroShotPredictor', 'BundlePredictor', 'resolve_device', 'WorldModelWarning',
-           'default_model_path', 'make_predictor', 'as_detector', 'sort_faces', 'body_for_face', 'level_boxes',
-           'face_crops', 'predictions_frame', 'write_predictions', 'predict', 'Stream', 'clip_streams', 'clip_windows',
-           'predict_clips', 'frame_rows', 'read_frame', 'plot_predictions', 'quickstart_bundle', 'read_run',
-           'run_checkpoint', 'labels_of_classes', 'unchanged_clip_keys', 'run_arch', 'bundle_from_run', 'read_dataset',
-           'evaluate_dataset']
+           'WEIGHT_SUFFIXES', 'CHECKSUM_KEY', 'VIDEO_EXTS', 'FER2013_MODEL', 'NO_FACE_POLICIES', 'ON_ERROR',
+           'BASE_COLUMNS', 'RUN_METHODS', 'DATASET_READERS', 'MethodSpec', 'register_method', 'method_spec',
+           'random_clip', 'build_visual', 'quickstart_network', 'clip_source', 'load_clip_source', 'build_clip',
+           'input_spec', 'clip_input_spec', 'level_size', 'image_transform', 'weights_dir', 'resolve_weights',
+           'BundleChecksumWarning', 'tensor_checksum', 'text_checksum', 'nonfinite_tensors', 'describe_nonfinite',
+           'Bundle', 'save_bundle', 'verify_bundle', 'bundle_header', 'load_bundle', 'add_bundle_checksum',
+           'install_weights', 'Source', 'array_to_image', 'read_image', 'expand_sources', 'Frame', 'video_frame_count',
+           'iter_frames', 'write_video', 'Predictor', 'prompt_templates', 'ZeroShotPredictor', 'BundlePredictor',
+           'resolve_device', 'WorldModelWarning', 'default_model_path', 'make_predictor', 'as_detector', 'sort_faces',
+           'body_for_face', 'level_boxes', 'face_crops', 'predictions_frame', 'check_output_csv', 'write_predictions',
+           'predict', 'Stream', 'clip_streams', 'clip_windows', 'predict_clips', 'frame_rows', 'read_frame',
+           'plot_predictions', 'quickstart_bundle', 'read_run', 'run_checkpoint', 'labels_of_classes',
+           'unchanged_clip_keys', 'run_arch', 'bundle_from_run', 'read_dataset', 'evaluate_dataset']
 
 # %% ../nbs/16_predict.ipynb #aa78243e
 BUNDLE_KEY = 'emonb_bundle'
@@ -278,6 +279,41 @@ def resolve_weights(weights) -> Path:
                             f"there (emonb.predict.install_weights('/path/to/{fname}') copies it), or set EMONB_HOME to a folder "
                             f"whose weights/ holds {fname}, or pass weights='/path/to/{fname}'.{how}")
 
+# %% ../nbs/16_predict.ipynb #c21d4800
+CHECKSUM_KEY = 'emonb_checksum'
+
+class BundleChecksumWarning(UserWarning):
+    "A model bundle written before emonb stored checksums: its tensors cannot be verified."
+
+def tensor_checksum(sd: dict) -> str:
+    "SHA-256 (hex) over the tensors of a state dict: in sorted name order, each one's name, dtype, shape, size and raw bytes."
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach().cpu().contiguous()
+        nbytes = t.numel() * t.element_size()
+        h.update((json.dumps([name, str(t.dtype).removeprefix('torch.'), list(t.shape), nbytes]) + '\n').encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+def text_checksum(text: str) -> str:
+    "SHA-256 (hex) of a text's UTF-8 bytes (the bundle header)."
+    return hashlib.sha256(text.encode('utf-8')).hexdigest()
+
+def nonfinite_tensors(sd: dict) -> dict:
+    "name -> number of NaN / ±inf values, for the floating-point tensors of `sd` that hold any."
+    bad = {}
+    for name, t in sd.items():
+        if t.is_floating_point() or t.is_complex():
+            n = int((~torch.isfinite(t)).sum())
+            if n: bad[name] = n
+    return bad
+
+def describe_nonfinite(bad: dict, limit: int = 5) -> str:
+    "'a.weight (3 values), b (1 value) and 2 more tensors': what `nonfinite_tensors` found, for an error message."
+    items = [f"{k} ({n} value{'s' if n > 1 else ''})" for k, n in sorted(bad.items())]
+    more = len(items) - limit
+    return ', '.join(items[:limit]) + (f" and {more} more tensor{'s' if more > 1 else ''}" if more > 0 else '')
+
 # %% ../nbs/16_predict.ipynb #580c7d02
 @dataclass
 class Bundle:
@@ -344,6 +380,11 @@ def save_bundle(model: nn.Module, path, method: str, labels, arch: dict, input: 
     except TypeError as e: raise TypeError(f"the bundle header must be JSON (arch, info): {e}") from None
     sd = {k: (v.detach().to('cpu', dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu()).contiguous().clone()
           for k, v in model.state_dict().items() if k not in set(external_keys)}
+    bad = nonfinite_tensors(sd)
+    if bad:
+        as_dtype = f" (as {str(dtype).removeprefix('torch.')})" if dtype is not None else ''
+        raise ValueError(f"cannot save {method!r} bundle {path}: non-finite weights (NaN or inf){as_dtype} in {len(bad)} tensor(s): "
+                         f"{describe_nonfinite(bad)}; a model whose training diverged is not saved")
     if verify:
         m = spec.build(**arch)
         _load_state(m, sd, f"cannot save {method!r} bundle {path}", external_keys)
@@ -353,21 +394,73 @@ def save_bundle(model: nn.Module, path, method: str, labels, arch: dict, input: 
             raise ValueError(f"cannot save {method!r} bundle {path}: the network gives outputs of shape {tuple(out.shape)} "
                              f"for {len(ls)} classes of {ls.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, safetensors.torch.save(sd, metadata={'format': 'pt', BUNDLE_KEY: text}))
+    atomic_write_bytes(path, safetensors.torch.save(sd, metadata=_bundle_metadata(sd, text)))
     return path
 
-def bundle_header(weights) -> dict:
-    "The JSON header of a bundle (a path or a name in `weights_dir()`), without loading its tensors."
-    path = resolve_weights(weights)
+def _bundle_metadata(sd: dict, header_text: str) -> dict:
+    checksum = dict(algorithm='sha256', tensors=tensor_checksum(sd), header=text_checksum(header_text))
+    return {'format': 'pt', BUNDLE_KEY: header_text, CHECKSUM_KEY: json.dumps(checksum)}
+
+def _bundle_metadata_of(path: Path) -> dict:
+    "The safetensors metadata of a bundle file, its `emonb_checksum` parsed (None when absent), its header checked against it."
     try:
-        with safetensors.safe_open(str(path), 'pt') as f: meta = f.metadata() or {}
+        with safetensors.safe_open(str(path), 'pt') as f: meta = dict(f.metadata() or {})
     except Exception as e:
         raise ValueError(f"{path} is not an emonb model bundle: not a safetensors file ({type(e).__name__}: {e}). Bundles are "
                          f"written by emonb.predict.save_bundle (a quickstart run: quickstart_bundle(run_folder))") from None
     if BUNDLE_KEY not in meta:
         raise ValueError(f"{path} is a safetensors file but not an emonb model bundle (no {BUNDLE_KEY!r} metadata); "
                          f"write bundles with emonb.predict.save_bundle")
-    header = json.loads(meta[BUNDLE_KEY])
+    if CHECKSUM_KEY in meta:
+        try:
+            c = json.loads(meta[CHECKSUM_KEY])
+            if c.get('algorithm') != 'sha256' or not {'tensors', 'header'} <= set(c): raise ValueError(c)
+        except (ValueError, AttributeError):
+            raise ValueError(f"bundle {path} is corrupt: its {CHECKSUM_KEY!r} metadata is not a sha256 checksum record") from None
+        if text_checksum(meta[BUNDLE_KEY]) != c['header']:
+            raise ValueError(f"bundle {path} is corrupt: header checksum mismatch (its {BUNDLE_KEY!r} metadata changed after it was saved)")
+        meta[CHECKSUM_KEY] = c
+    else: meta[CHECKSUM_KEY] = None
+    return meta
+
+_UNCHECKED_BUNDLES: set = set()   # files already warned about (one BundleChecksumWarning per file)
+
+def _read_bundle_tensors(path: Path) -> tuple:
+    "(state dict, 'verified' or 'absent') of a bundle file: its checksum verified when it has one, its weights checked finite."
+    meta = _bundle_metadata_of(path)
+    try: sd = safetensors.torch.load_file(str(path))
+    except Exception as e: raise ValueError(f"bundle {path} is corrupt: its tensors cannot be read ({type(e).__name__}: {e})") from None
+    if meta[CHECKSUM_KEY] is not None:
+        if tensor_checksum(sd) != meta[CHECKSUM_KEY]['tensors']:
+            raise ValueError(f"bundle {path} is corrupt: tensor checksum mismatch (its tensors changed after it was saved; "
+                             f"copy it again from its source)")
+        status = 'verified'
+    else:
+        status = 'absent'
+        key = str(Path(path).resolve())
+        if key not in _UNCHECKED_BUNDLES:
+            _UNCHECKED_BUNDLES.add(key)
+            warnings.warn(f"bundle {path} carries no checksum (written before emonb stored one): its tensors cannot be verified; "
+                          f"if you trust the file, add one with emonb.predict.add_bundle_checksum", BundleChecksumWarning, stacklevel=3)
+    bad = nonfinite_tensors(sd)
+    if bad: raise ValueError(f"bundle {path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s): {describe_nonfinite(bad)}; "
+                             f"it cannot predict anything (the training that wrote it diverged)")
+    return sd, status
+
+def verify_bundle(weights) -> dict:
+    "Check a bundle (a path or a name in `weights_dir()`) without building its network: header, checksum, finite weights. Returns a summary."
+    path = resolve_weights(weights)
+    h = bundle_header(path)
+    sd, status = _read_bundle_tensors(path)
+    return dict(path=path, method=h['method'], checksum=status, tensors=len(sd),
+                parameters=sum(t.numel() for t in sd.values()), bytes=sum(t.numel() * t.element_size() for t in sd.values()))
+
+def bundle_header(weights) -> dict:
+    "The JSON header of a bundle (a path or a name in `weights_dir()`), without loading its tensors (checked against its checksum)."
+    path = resolve_weights(weights)
+    meta = _bundle_metadata_of(path)
+    try: header = json.loads(meta[BUNDLE_KEY])
+    except ValueError: raise ValueError(f"bundle {path} is corrupt: its {BUNDLE_KEY!r} header is not JSON") from None
     if header.get('bundle_version', 0) > BUNDLE_VERSION:
         raise ValueError(f"{path} is a version {header['bundle_version']} bundle; this emonb reads up to version {BUNDLE_VERSION}: upgrade emonb")
     return header
@@ -383,17 +476,32 @@ def load_bundle(weights, device='cpu', method: str | None = None, clip_weights=N
         if not isinstance(h['arch'].get('clip'), dict): raise ValueError(f"{path} holds no CLIP description: clip_weights= does not apply")
         h['arch']['clip'] = {**h['arch']['clip'], 'weights': str(clip_weights)}
     model = spec.build(**h['arch'])
-    _load_state(model, safetensors.torch.load_file(str(path)), str(path), h.get('external_keys', ()))
+    sd, _ = _read_bundle_tensors(path)   # checksum and finite weights checked
+    _load_state(model, sd, str(path), h.get('external_keys', ()))
     if spec.after_load is not None: spec.after_load(model)
     model = model.float().to(device).eval()
     return Bundle(model, h['method'], _labels_from_header(h['labels']), h['input'], h['arch'], tuple(h['levels']), h['output'],
                   h.get('info', {}), path, h)
 
+# %% ../nbs/16_predict.ipynb #00ba10ca
+def add_bundle_checksum(weights, clip_weights=None) -> Path:
+    "Add the checksum to a bundle written without one, in place (tensors and header unchanged); only for a file you trust. A bundle that has one is verified and left as it is."
+    path = resolve_weights(weights)
+    meta = _bundle_metadata_of(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', BundleChecksumWarning)
+        load_bundle(path, clip_weights=clip_weights)   # it must load: tensors that fit the network, finite weights (and a checksum that holds)
+    if meta[CHECKSUM_KEY] is not None: return path
+    sd = safetensors.torch.load_file(str(path))
+    rest = {k: v for k, v in meta.items() if k not in (CHECKSUM_KEY, BUNDLE_KEY)}
+    atomic_write_bytes(path, safetensors.torch.save(sd, metadata={**rest, **_bundle_metadata(sd, meta[BUNDLE_KEY])}))
+    return path
+
 # %% ../nbs/16_predict.ipynb #edaf0403
 def install_weights(path, name: str | None = None, overwrite: bool = False) -> Path:
     "Copy a bundle file into `weights_dir()` (as `name`.safetensors) so that `weights=name` finds it."
     src = Path(path).expanduser()
-    bundle_header(src)   # only bundles are installed (a clear error otherwise)
+    verify_bundle(src)   # only intact bundles are installed: header, checksum, finite weights (a clear error otherwise)
     dest = weights_dir()/f"{name or src.stem}.safetensors"
     if dest.exists() and not overwrite: raise FileExistsError(f"{dest} already exists: pass overwrite=True to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -760,25 +868,34 @@ def predictions_frame(rows: list, probs: np.ndarray, index: list, names) -> pd.D
     df['top'], df['top_prob'], df['error'] = top, top_prob, [r.get('error', '') for r in rows]
     return df.astype({'frame': int, 'face': int})
 
-def write_predictions(df: pd.DataFrame, path, overwrite: bool = False) -> Path:
-    "Write the table as CSV and its summary (`df.attrs['summary']`) as JSON beside it (same name, `.json`)."
+def check_output_csv(path, overwrite: bool = False) -> Path:
+    "Check that the CSV `path` and its summary (`.json` beside it) can be written, before any work: not folders, not existing unless `overwrite`; missing parent folders are created."
     path = Path(path).expanduser()
     if path.suffix.lower() == '.json': raise ValueError(f"{path}: the table is written as CSV (the summary goes to the .json beside it)")
-    if not overwrite and (path.exists() or path.with_suffix('.json').exists()):
-        raise FileExistsError(f"{path} (or its summary {path.with_suffix('.json').name}) already exists: pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    for f, what in ((path, 'the output CSV'), (path.with_suffix('.json'), 'the summary of the output CSV')):
+        if f.is_dir(): raise ValueError(f"{f} is a folder, not a file: {what} must be a file path (e.g. {path/'predictions.csv'})")
+        if f.exists() or f.is_symlink():
+            if not overwrite: raise FileExistsError(f"{path} (or its summary {path.with_suffix('.json').name}) already exists: pass overwrite=True to replace it")
+            if not f.is_file(): raise ValueError(f"{f} exists and is not a regular file: {what} cannot replace it")
+    try: path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: its folder {path.parent} cannot be created ({type(e).__name__}: {e.strerror or e})") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK): raise ValueError(f"cannot write {path}: no permission to write in the folder {path.parent}")
+    return path
+
+def write_predictions(df: pd.DataFrame, path, overwrite: bool = False) -> Path:
+    "Write the table as CSV and its summary (`df.attrs['summary']`) as JSON beside it (same name, `.json`)."
+    path = check_output_csv(path, overwrite)
     atomic_write_text(path, df.to_csv(index=False))
     atomic_write_json(path.with_suffix('.json'), df.attrs.get('summary', {}), default=str)
     return path
 
 def _check_run_options(batch_size, frame_step, no_face, on_error, save_csv, overwrite):
-    "The settings `predict` and `predict_clips` share, checked before any work: a bad one or an existing output file is an error."
+    "The settings `predict` and `predict_clips` share, checked before any work: a bad one, or an output CSV that cannot be written, is an error."
     _positive_int('batch_size', batch_size); _positive_int('frame_step', frame_step)
     if no_face not in NO_FACE_POLICIES: raise ValueError(f"no_face must be one of {NO_FACE_POLICIES}, got {no_face!r}")
     if on_error not in ON_ERROR: raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    if save_csv is not None and not overwrite:
-        p = Path(save_csv).expanduser()
-        if p.exists() or p.with_suffix('.json').exists(): raise FileExistsError(f"{p} (or its summary) already exists: pass overwrite=True to replace it")
+    if save_csv is not None: check_output_csv(save_csv, overwrite)
 
 def predict(src, method='default', weights=None, labels=None, detector='face', device='auto', batch_size: int = 32,
             progress: bool = True, frame_step: int = 1, save_csv=None, no_face: str = 'row', on_error: str = 'raise',
