@@ -206,8 +206,9 @@ def _clock(s: float) -> str:
 class RunETA(Callback):
     "Print the whole run's elapsed time and time left: `first_after` seconds into training, then after every epoch."
     order = 100
-    def __init__(self, first_after: float = 20., max_steps: int = None, out=print):
-        self.first_after, self.max_steps, self.out = first_after, max_steps, out
+    def __init__(self, first_after: float = 20., max_steps: int = None, out=None):
+        self.first_after, self.max_steps = first_after, max_steps
+        self.out = out or partial(print, flush=True)   # flushed: a log file or pipe sees each line when it is said
     def before_fit(self):
         self.t0, self.t_train, self.n_train, self.t_valid, self.n_valid, self.said_first = time.monotonic(), 0., 0, 0., 0, False
         self.per_epoch = len(self.dls.train)

@@ -25,8 +25,8 @@ from .predict import DATASET_READERS, bundle_from_run
 
 # %% auto #0
 __all__ = ['TRAIN_METHODS', 'TABLE_COLUMNS', 'TRAIN_READERS', 'ON_BAD_FILE', 'VARIANT_METHODS', 'FER2013_PRESETS',
-           'FER2013_NORMALIZE', 'table_schema', 'read_table', 'read_training_table', 'load_clip', 'check_table_files',
-           'default_variant', 'train', 'train_fer2013']
+           'FER2013_NORMALIZE', 'table_schema', 'read_table', 'read_training_table', 'load_clip', 'cpu_threads',
+           'check_table_files', 'default_variant', 'train', 'train_fer2013']
 
 # %% ../nbs/18_train.ipynb #47000d61
 TRAIN_METHODS = {'classifier': 'faces', 'kefer': 'faces', 'expclip': 'faces', 'dferclip': 'videos', 'mlper': 'scenes', 'cocoer': 'scenes'}
@@ -122,6 +122,14 @@ def load_clip(clip_model: str = None, weights=None, device='cpu', activation: st
         raise ValueError(f"clip_model={clip_model!r} needs weights=: a local weights file (emonb never downloads; put the file "
                          f"in $EMONB_HOME/weights or pass its path)")
     return ClipEncoder.from_pretrained(clip_model, weights, device=device, activation=activation)
+
+# %% ../nbs/18_train.ipynb #4b152e30
+def cpu_threads() -> int:
+    "Threads for CPU work: the cores this process may use minus those the one-minute load average says are busy (at least 1)."
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    try: busy = os.getloadavg()[0]
+    except (OSError, AttributeError): busy = 0.   # no load average on this system: use every core
+    return max(1, min(cores, cores - int(round(busy))))
 
 # %% ../nbs/18_train.ipynb #0475ac16
 ON_BAD_FILE = ('raise', 'skip', 'report')
