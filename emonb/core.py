@@ -5,16 +5,18 @@
 # %% ../nbs/00_core.ipynb #404a74e1
 from __future__ import annotations
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-import os, json, shutil, tempfile
+import os, re, json, shutil, tempfile, threading, warnings
 import numpy as np
 
 # %% auto #0
-__all__ = ['ADJECTIVES', 'SYNONYMS', 'EMOTIONS', 'LEVELS', 'LABEL_SETS', 'VARIANTS', 'canonical_name', 'LabelSet',
-           'register_label_set', 'label_set', 'label_mapping', 'map_labels', 'confusion_matrix', 'per_class_recall',
-           'war', 'uar', 'average_precision_per_class', 'mean_average_precision', 'war_metric', 'uar_metric',
-           'map_metric', 'check_variant', 'is_main_process', 'prepare_output_dir', 'atomic_write_bytes',
-           'atomic_write_text', 'atomic_write_json', 'emonb_home']
+__all__ = ['ADJECTIVES', 'SYNONYMS', 'EMOTIONS', 'LEVELS', 'LABEL_SETS', 'VARIANTS', 'OUTPUT_MARKER', 'canonical_name',
+           'LabelSet', 'register_label_set', 'label_set', 'label_mapping', 'map_labels', 'confusion_matrix',
+           'per_class_recall', 'war', 'uar', 'average_precision_per_class', 'mean_average_precision', 'war_metric',
+           'uar_metric', 'map_metric', 'check_variant', 'is_main_process', 'atomic_write_bytes', 'atomic_write_text',
+           'atomic_write_json', 'output_manifest', 'prepare_output_dir', 'record_outputs', 'check_output_disjoint',
+           'emonb_home', 'image_to_8bit', 'eight_bit_rule']
 
 # %% ../nbs/00_core.ipynb #ad084668
 ADJECTIVES = {
@@ -283,22 +285,6 @@ def is_main_process() -> bool:
     "True in a single-process run and in rank 0 of a multi-process one (torchrun / accelerate set `RANK`): the process that writes files."
     return int(os.environ.get('RANK', 0)) == 0
 
-def prepare_output_dir(path, overwrite: bool = False) -> Path:
-    "Create the folder `path`; refuse an existing non-empty one unless `overwrite` (then empty it first). In a multi-process run only rank 0 checks and empties it."
-    path = Path(path)
-    if not is_main_process():   # torchrun / accelerate: rank 0 owns the folder; the others only make sure it exists
-        path.mkdir(parents=True, exist_ok=True); return path
-    if path.exists() and not path.is_dir(): raise NotADirectoryError(f"output path {path} exists and is not a folder")
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"output folder {path} already exists and is not empty; "
-                                  f"choose another folder or pass overwrite=True (--overwrite) to replace its contents")
-        for child in path.iterdir():
-            if child.is_dir() and not child.is_symlink(): shutil.rmtree(child)
-            else: child.unlink()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
 def _umask() -> int:
     "The process's umask (read without changing it for longer than an instant)."
     m = os.umask(0o022); os.umask(m); return m
@@ -319,7 +305,198 @@ def atomic_write_bytes(path, data: bytes) -> Path:
 def atomic_write_text(path, text: str) -> Path: return atomic_write_bytes(path, text.encode('utf-8'))
 def atomic_write_json(path, obj, **kw) -> Path: return atomic_write_text(path, json.dumps(obj, indent=2, **kw) + '\n')
 
+# %% ../nbs/00_core.ipynb #664581d6
+OUTPUT_MARKER = '.emonb-output.json'   # in each folder emonb claims for output: the manifest of what emonb wrote there
+_TMP_FILE = re.compile(r'^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$')   # atomic_write_bytes' temporary file for <name>
+_manifest_lock = threading.Lock()
+
+def _tmp_target(name: str):
+    "The file whose temporary copy `name` is (`atomic_write_bytes`' naming), or None."
+    m = _TMP_FILE.match(name); return m['name'] if m else None
+
+def _is_marker(name: str) -> bool: return name == OUTPUT_MARKER or _tmp_target(name) == OUTPUT_MARKER
+def _plain_name(n) -> bool:
+    return isinstance(n, str) and n not in ('', '.', '..') and not _is_marker(n) and not any(c in n for c in '/\\\0')
+
+def output_manifest(path) -> dict | None:
+    "The manifest of the emonb output folder `path`, or None when it has no `OUTPUT_MARKER`; an unreadable one is an error naming the file."
+    f = Path(path)/OUTPUT_MARKER
+    if not f.exists() and not f.is_symlink(): return None
+    try: m = json.loads(f.read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read emonb's output manifest {f} ({e}); emonb will not clear {Path(path)} without it") from None
+    lists = ('entries', 'kept')
+    if not (isinstance(m, dict) and m.get('emonb') == 'output folder' and all(isinstance(m.get(k), list) for k in lists)
+            and all(_plain_name(n) for k in lists for n in m[k])):
+        raise ValueError(f"{f} is not a valid emonb output manifest; emonb will not clear {Path(path)} on its word")
+    return m
+
+def _write_manifest(path: Path, created: bool, entries=(), kept=()) -> dict:
+    m = dict(emonb='output folder', version=1, created=bool(created), claimed=datetime.now(timezone.utc).isoformat(timespec='seconds'),
+             entries=sorted(set(entries)), kept=sorted(set(kept)))
+    atomic_write_json(path/OUTPUT_MARKER, m); return m
+
+def _entries(path: Path) -> list:
+    "The top-level entries of `path` other than the marker and its temporary files, by name."
+    return sorted((c for c in path.iterdir() if not _is_marker(c.name)), key=lambda c: c.name)
+
+def _remove(p: Path):
+    if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
+    else: p.unlink()
+
+def _listing(names, k: int = 8) -> str: return ', '.join(names[:k]) + (f', ... ({len(names) - k} more)' if len(names) > k else '')
+def _n_entries(n: int) -> str: return f"{n} entr{'y' if n == 1 else 'ies'}"
+
+def _clear_recorded(path: Path, found: list, ours: set) -> list:
+    "Remove the entries of `found` that emonb recorded (and their temporary files); warn about the others and return their names."
+    kept = []
+    for c in found:
+        if c.name in ours or _tmp_target(c.name) in ours: _remove(c)
+        else: kept.append(c.name)
+    if kept:
+        warnings.warn(f"overwriting {path}: kept {_n_entries(len(kept))} that emonb did not write there: {_listing(kept)}", stacklevel=3)
+    return kept
+
+def _record_in_parent(path: Path, first_existing: Path):
+    "If `first_existing` (the nearest existing ancestor of the new folder `path`) is an emonb output folder, record there the entry that leads to `path`."
+    try: parent = output_manifest(first_existing)
+    except ValueError: return   # a damaged manifest there: nothing to add to (and that folder will not be cleared)
+    if parent is None: return
+    record_outputs(first_existing, [path.relative_to(first_existing).parts[0]])
+
+def prepare_output_dir(path, overwrite: bool = False) -> Path:
+    "Create or claim the output folder `path` (marked with `OUTPUT_MARKER`); a non-empty one is refused unless `overwrite`, which removes only what emonb recorded there, and only in a folder emonb marked."
+    path = Path(path)
+    if not is_main_process():   # torchrun / accelerate: rank 0 owns the folder; the others only make sure it exists
+        path.mkdir(parents=True, exist_ok=True); return path
+    if path.exists() and not path.is_dir(): raise NotADirectoryError(f"output path {path} exists and is not a folder")
+    created, m, kept = not path.exists(), None, []
+    if not created:
+        m, found = output_manifest(path), _entries(path)
+        if found and not overwrite:
+            raise FileExistsError(f"output folder {path} already exists and is not empty ({_n_entries(len(found))}); choose another folder"
+                                  + (" or pass overwrite=True (--overwrite) to replace what emonb wrote there" if m is not None else
+                                     " (emonb did not create it, so overwrite=True would not clear it either)"))
+        if found and m is None:
+            raise FileExistsError(f"refusing to overwrite {path}: it holds {_n_entries(len(found))} ({_listing([c.name for c in found])}) "
+                                  f"and emonb did not create it (no {OUTPUT_MARKER}); emonb only clears folders it created. "
+                                  f"Choose a new or empty output folder, or move its contents away yourself")
+        if found: kept = _clear_recorded(path, found, set(m['entries']))
+        for c in path.iterdir():
+            if _tmp_target(c.name) == OUTPUT_MARKER: c.unlink()   # a manifest write that was interrupted
+    first_existing = next(p for p in (path, *path.parents) if p.exists()) if created else path
+    path.mkdir(parents=True, exist_ok=True)
+    with _manifest_lock: _write_manifest(path, created if m is None else m.get('created', False), kept=kept)
+    if created: _record_in_parent(path, first_existing)
+    return path
+
+def record_outputs(path, names=None) -> list:
+    "Record in the manifest of the emonb output folder `path` the top-level entries emonb wrote: `names`, or every entry except those kept at claim time. Run it when a run finishes; returns the recorded entries."
+    path = Path(path)
+    if not is_main_process(): return []
+    with _manifest_lock:
+        m = output_manifest(path)
+        if m is None:
+            raise FileNotFoundError(f"{path} is not an emonb output folder (no {OUTPUT_MARKER}): claim it with prepare_output_dir first")
+        if names is None: new = [c.name for c in _entries(path) if c.name not in m['kept'] and _tmp_target(c.name) is None]
+        else:
+            new = [str(n) for n in names]
+            bad = [n for n in new if not _plain_name(n)]
+            if bad: raise ValueError(f"record_outputs takes names of entries directly inside {path}, got {bad}")
+        entries = [n for n in set(m['entries']) | set(new) if (path/n).exists() or (path/n).is_symlink()]
+        m.update(entries=sorted(entries), kept=sorted(set(m['kept']) - set(new)))
+        atomic_write_json(path/OUTPUT_MARKER, m)
+    return m['entries']
+
+# %% ../nbs/00_core.ipynb #9c7515c0
+def _ids(p: Path) -> set:
+    "(device, inode) of `p` and of each of its existing ancestors."
+    out = set()
+    for q in (p, *p.parents):
+        try: st = q.stat(); out.add((st.st_dev, st.st_ino))
+        except OSError: pass
+    return out
+
+def _file_id(p: Path):
+    try: st = p.stat(); return (st.st_dev, st.st_ino)
+    except OSError: return None
+
+def check_output_disjoint(out, inputs) -> Path:
+    "`out` as a Path if it is neither equal to, inside, nor containing any of `inputs` (paths, or a dict {setting: path}); else a ValueError naming both."
+    if isinstance(inputs, (str, os.PathLike)): inputs = [inputs]
+    items = inputs.items() if isinstance(inputs, dict) else [(None, p) for p in inputs]
+    o = Path(out).expanduser().resolve()
+    for name, p in items:
+        if p is None: continue
+        i = Path(p).expanduser().resolve()
+        what = f"the input {name} ({p})" if name else f"the input {p}"
+        oid, iid = _file_id(o), _file_id(i)
+        if o == i or (oid is not None and oid == iid): rel = 'is'
+        elif i in o.parents or (iid is not None and iid in _ids(o)): rel = 'is inside'
+        elif o in i.parents or (oid is not None and oid in _ids(i)): rel = 'contains'
+        else: continue
+        raise ValueError(f"the output folder {out} {rel} {what}: choose an output folder outside every input, "
+                         f"so that no run writes into (or overwrites) the data it reads")
+    return Path(out)
+
 # %% ../nbs/00_core.ipynb #3a3ac09b
 def emonb_home() -> Path:
     "emonb's folder for extracted archives, caches and weights: `$EMONB_HOME`, or `~/.cache/emonb`."
     return Path(os.environ.get('EMONB_HOME') or Path.home()/'.cache'/'emonb').expanduser()
+
+# %% ../nbs/00_core.ipynb #723034a3
+_ALPHA_MODES = ('RGBA', 'LA', 'PA', 'RGBa')
+
+def _scale16(a: np.ndarray) -> np.ndarray: return ((a.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+
+def _minmax(a: np.ndarray, lo, hi) -> np.ndarray:
+    return np.zeros(a.shape, np.uint8) if hi <= lo else np.round((a - lo) * 255 / (hi - lo)).clip(0, 255).astype(np.uint8)
+
+def _high_depth_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    "The 8-bit values of the single-band array `a` of a 16-bit (`I;16*`), 32-bit integer (`I`) or float (`F`) image, by the table above."
+    if a.size == 0: return np.zeros(a.shape, np.uint8)
+    if mode.startswith('I;16') and a.dtype.kind == 'u': return _scale16(a)
+    if a.dtype.kind == 'f':
+        a = a.astype(np.float64); ok = np.isfinite(a)
+        if not ok.any(): return np.zeros(a.shape, np.uint8)
+        lo, hi = a[ok].min(), a[ok].max()
+        v = np.round(a * 255).clip(0, 255).astype(np.uint8) if lo >= 0 and hi <= 1 else _minmax(np.where(ok, a, lo), lo, hi)
+        return np.where(ok, v, 0).astype(np.uint8)
+    a = a.astype(np.int64); lo, hi = int(a.min()), int(a.max())
+    if lo >= 0 and hi <= 255: return a.astype(np.uint8)
+    if lo >= 0 and hi <= 65535: return _scale16(a)
+    return _minmax(a.astype(np.float64), lo, hi)
+
+def _lab_to_rgb(im):
+    from PIL import ImageCms
+    t = ImageCms.buildTransform(ImageCms.createProfile('LAB'), ImageCms.createProfile('sRGB'), 'LAB', 'RGB')
+    return ImageCms.applyTransform(im, t)
+
+def image_to_8bit(im, mode: str = 'RGB', transparency: str = 'black'):
+    "A new 8-bit `mode` ('RGB' or 'L') image from the PIL image `im` of any mode: high bit depths scaled, transparency composited on black (or dropped: 'ignore'), by the table above."
+    from PIL import Image
+    if mode not in ('RGB', 'L'): raise ValueError(f"image_to_8bit makes 'RGB' or 'L' images, not {mode!r}")
+    if transparency not in ('black', 'ignore'): raise ValueError(f"transparency must be 'black' or 'ignore', not {transparency!r}")
+    m = im.mode
+    if m == mode: return im.copy()
+    if m in ('I', 'F') or m.startswith('I;'):
+        try: a = np.asarray(im)
+        except (ValueError, TypeError, KeyError) as e: raise ValueError(f"cannot read the pixels of a {m} image: {e}") from None
+        g = Image.fromarray(_high_depth_to_uint8(a, m))
+        return g if mode == 'L' else g.convert('RGB')
+    if transparency == 'black' and (m in _ALPHA_MODES or (m == 'P' and 'transparency' in im.info)):
+        rgba = im.convert('RGBA')
+        return Image.alpha_composite(Image.new('RGBA', im.size, (0, 0, 0, 255)), rgba).convert(mode)
+    if m == 'LAB': return _lab_to_rgb(im).convert(mode)
+    try: return im.convert(mode)
+    except ValueError as e: raise ValueError(f"cannot convert a {m} image to 8-bit {mode}: {e}") from None
+
+def eight_bit_rule(mode: str, info: dict = None) -> str:
+    "In a few words, how `image_to_8bit` turns an image of PIL mode `mode` (with PIL `info`) into 8 bits: for reports."
+    if mode in ('L', 'RGB'): return 'kept as it is'
+    if mode.startswith('I;16'): return '16-bit values scaled by 255/65535'
+    if mode == 'I': return '32-bit integers kept if in 0-255, scaled by 255/65535 if in 0-65535, else min-max scaled'
+    if mode == 'F': return 'floats scaled by 255 if in [0, 1], else min-max scaled'
+    if mode in _ALPHA_MODES or (mode == 'P' and 'transparency' in (info or {})): return 'transparency composited on black'
+    return {'1': 'black and white to 0 and 255', 'P': "the palette's colours", 'LAB': 'CIE Lab to sRGB (LittleCMS)',
+            'CMYK': "Pillow's CMYK conversion, without a colour profile"}.get(mode, f"Pillow's {mode} conversion")

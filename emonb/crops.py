@@ -10,7 +10,7 @@ from pathlib import Path
 import os, io, sys, json, math, time, hashlib, tempfile, warnings, importlib.util
 import numpy as np, pandas as pd
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
-from .core import atomic_write_bytes, atomic_write_text, atomic_write_json, prepare_output_dir
+from .core import atomic_write_bytes, atomic_write_text, atomic_write_json, prepare_output_dir, record_outputs, image_to_8bit
 
 # %% auto #0
 __all__ = ['SHARED_DATA_ENV', 'DETECTOR_FILES', 'DETECTOR_TASKS', 'MODEL_SUFFIXES', 'PACKAGED_DIR', 'YUNET_FILE', 'FALLBACKS',
@@ -226,7 +226,7 @@ class YuNetDetector:
         if self._model is None: self._model = cv2.FaceDetectorYN.create(str(self.path), '', (320, 320), self.conf, self.nms, self.top_k)
         out = []
         for im in images:
-            a = np.ascontiguousarray(np.asarray(im.convert('RGB'))[:, :, ::-1])
+            a = np.ascontiguousarray(np.asarray(image_to_8bit(im))[:, :, ::-1])
             self._model.setInputSize((a.shape[1], a.shape[0]))
             _, f = self._model.detect(a)
             if f is None or len(f) == 0: out.append(as_detections([])); continue
@@ -371,7 +371,7 @@ def crop_subject(image: Image.Image, subject: Subject, params: CropParams = Crop
     return {k: _shrink(v, params.max_side) for k, v in crops.items()}, boxes
 
 # %% ../nbs/04_crops.ipynb #75539b50
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: images of other modes (16-bit, float...) decoded by image_to_8bit (16-bit ones were white)
 LEVELS = ('face', 'body', 'context')
 
 class ImageReadError(ValueError):
@@ -394,7 +394,8 @@ class CropResult:
         "The `level` crop ('face', 'body' or 'context'), from memory or from its cache file."
         if level not in LEVELS: raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
         if level in self.images: return self.images[level]
-        if level in self.paths: return Image.open(self.paths[level]).convert('RGB')
+        if level in self.paths:
+            with Image.open(self.paths[level]) as im: return image_to_8bit(im)
         raise ValueError(f"{self.source}: no {level} crop ({self.fallback}: {self.error or FALLBACKS.get(self.fallback, '')})")
 
 def _sha(*parts) -> str: return hashlib.sha256('\x1f'.join(str(p) for p in parts).encode('utf-8')).hexdigest()
@@ -415,9 +416,9 @@ _PIL_OPEN = (_PIL_OPEN if getattr(_PIL_OPEN, '__module__', '') == 'PIL.Image'
              else getattr(sys.modules.get('ultralytics.utils.patches'), '_image_open', _PIL_OPEN))
 
 def _decode(source, data) -> Image.Image:
-    if isinstance(data, Image.Image): return data.convert('RGB')
+    if isinstance(data, Image.Image): return image_to_8bit(data)
     try:
-        with _PIL_OPEN(io.BytesIO(data)) as im: im.load(); return ImageOps.exif_transpose(im).convert('RGB')
+        with _PIL_OPEN(io.BytesIO(data)) as im: im.load(); return image_to_8bit(ImageOps.exif_transpose(im))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as e:
         raise ImageReadError(f"cannot decode image file {source}: {type(e).__name__}: {e}") from None
 
@@ -609,6 +610,7 @@ def crop_table(table, out=None, *, face_detector=None, person_detector=None, cac
     if out is not None:
         atomic_write_text(out/'crops.csv', df.to_csv(index=False))
         atomic_write_json(out/'summary.json', summary)
+        record_outputs(out)   # so that overwrite=True removes exactly these
     return df, summary
 
 # %% ../nbs/04_crops.ipynb #b2863d3d

@@ -15,7 +15,7 @@ import torch
 from fastai.vision.all import (DataBlock, TransformBlock, CategoryBlock, MultiCategoryBlock, ColSplitter, PILImage,
                                IntToFloatTensor, Normalize, Resize, RandomResizedCrop, Flip, Rotate, Brightness,
                                Contrast, Saturation, RandomErasing, TensorBase, Transform, imagenet_stats)
-from .core import LabelSet, label_set, canonical_name, EMOTIONS, LABEL_SETS, register_label_set, emonb_home, atomic_write_text, atomic_write_bytes
+from .core import LabelSet, label_set, canonical_name, EMOTIONS, LABEL_SETS, register_label_set, emonb_home, atomic_write_text, atomic_write_bytes, image_to_8bit, eight_bit_rule
 
 # %% auto #0
 __all__ = ['SAMPLE_COLUMNS', 'SPLITS', 'IMAGE_EXTS', 'POLICIES', 'PROBLEM_COLUMNS', 'FER2013_SPLITS', 'FERPLUS_VOTES',
@@ -578,15 +578,14 @@ def check_frames(df: pd.DataFrame, policy: str = 'raise') -> pd.DataFrame:
 
 # %% ../nbs/02_data.ipynb #cbbea548
 def load_image(path, mode: str = 'RGB', allow_truncated: bool = False) -> Image.Image:
-    "Open an image as `mode` (RGBA and palette images are composited on black before RGB); truncated files only if allowed."
+    "Open an image as 8-bit `mode` ('RGB' or 'L') by `image_to_8bit`'s rule (16-bit scaled, transparency on black); truncated files only if allowed."
+    if mode not in ('RGB', 'L'): raise ValueError(f"load_image reads images as 'RGB' or 'L', not {mode!r}")
     prev = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
     try:
         with Image.open(path) as im:
             im.load()
-            if mode == 'RGB' and (im.mode in ('RGBA', 'LA') or (im.mode == 'P' and 'transparency' in im.info)):
-                im = im.convert('RGBA'); bg = Image.new('RGBA', im.size, (0, 0, 0, 255)); im = Image.alpha_composite(bg, im)
-            return im.convert(mode)
+            return image_to_8bit(im, mode)
     finally: ImageFile.LOAD_TRUNCATED_IMAGES = prev
 
 def check_images(df: pd.DataFrame, policy: str = 'raise') -> pd.DataFrame:
@@ -599,14 +598,14 @@ def check_images(df: pd.DataFrame, policy: str = 'raise') -> pd.DataFrame:
         if not p.is_file(): report.add(p, 'missing image'); keep[i] = False; continue
         try:
             with Image.open(p) as im:
-                mode = im.mode; im.load()
+                mode, info = im.mode, dict(im.info); im.load()
         except (OSError, ValueError, SyntaxError, ImportError) as e:   # ImportError: a decoder plugin (e.g. HEIF, registered by ultralytics) missing
             if 'truncated' in str(e) and policy == 'repair':
                 report.add(p, 'truncated image', str(e), 'kept; missing part filled when loaded', 'note'); truncated[i] = True
             else:
                 report.add(p, 'truncated image' if 'truncated' in str(e) else 'unreadable image', str(e)); keep[i] = False
             continue
-        if mode not in ('RGB', 'L'): report.add(p, f'{mode} image', 'converted to RGB when loaded', 'kept', 'note')
+        if mode not in ('RGB', 'L'): report.add(p, f'{mode} image', f'converted to 8-bit RGB when loaded: {eight_bit_rule(mode, info)}', 'kept', 'note')
     out = df.copy(); out['truncated'] = truncated
     return _with_problems(out, keep, report, policy)
 

@@ -12,7 +12,8 @@ import pandas as pd
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import label_set, war, uar, atomic_write_bytes, prepare_output_dir, atomic_write_json, VARIANTS, check_variant
+from .core import (label_set, war, uar, atomic_write_bytes, prepare_output_dir, record_outputs, atomic_write_json, VARIANTS,
+                        check_variant, image_to_8bit)
 from .synth import SyntheticWorld, Scene, describe_face, compose_caption
 from .prompts import expclip_prompts, EXPCLIP_INSTRUCTIONS
 from .encoders import ClipEncoder, HFTextEncoder, FeatureCache, weights_fingerprint, default_device
@@ -99,15 +100,15 @@ class SquashResize:
     def __call__(self, image) -> torch.Tensor:
         from PIL import Image
         if not isinstance(image, Image.Image): raise TypeError(f"SquashResize reads PIL images, got {type(image).__name__}")
-        pixels = np.array(image.convert('RGB').resize((self.size, self.size), Image.Resampling.BILINEAR), dtype=np.uint8)
+        pixels = np.array(image_to_8bit(image, transparency='ignore').resize((self.size, self.size), Image.Resampling.BILINEAR), dtype=np.uint8)
         return torch.from_numpy(pixels).permute(2, 0, 1).float().div(255.)
     def __repr__(self): return f"SquashResize({self.size})"
 
 def read_rgb(path):
-    "An image file as the official loaders read it: PIL's `convert('RGB')`."
+    "An image file as 8-bit RGB, as the official loaders read it (PIL's `convert('RGB')`: alpha dropped), but with 16-bit and float images scaled by `image_to_8bit`."
     from PIL import Image
     if not Path(path).is_file(): raise FileNotFoundError(f"image file {path} does not exist")
-    with Image.open(path) as im: return im.convert('RGB')
+    with Image.open(path) as im: return image_to_8bit(im, transparency='ignore')
 
 def expclip_transform(clip: ClipEncoder, variant: str = 'official', inputs: str = None):
     "PIL image -> CLIP input of a variant: 'squash' (official, paper: `SquashResize(clip.image_size)`) or 'clip' (emonb: the CLIP's own preprocess)."
@@ -189,9 +190,10 @@ def _image_list(images, read=None) -> list:
     from emonb.data import load_image
     from PIL import Image
     read = read or load_image
+    transparency = 'ignore' if read is read_rgb else 'black'   # PIL images as the files would be read
     out = []
     for im in images:
-        if isinstance(im, Image.Image): out.append(im.convert('RGB'))
+        if isinstance(im, Image.Image): out.append(image_to_8bit(im, transparency=transparency))
         elif isinstance(im, (str, Path)):
             if not Path(im).is_file(): raise FileNotFoundError(f"image file {im} does not exist")
             out.append(read(im))
@@ -616,6 +618,7 @@ def fit_expclip(clip: ClipEncoder, teacher: Teacher, paths, out, config: TrainCo
                 n_images=len(paths), bs=bs, recipe=asdict(config), **epoch_losses(learn), projection=str(out/'projection.safetensors'))
     save_projection(learn.model, out/'projection.safetensors', info)
     atomic_write_json(out/'expclip.json', info)
+    record_outputs(out)   # so that overwrite=True removes exactly what this run wrote
     return info
 
 def evaluate_expclip(clip: ClipEncoder, projection: ExpCLIPProjection, df: pd.DataFrame, labels, out=None, kinds=PROMPT_KINDS,
@@ -646,4 +649,5 @@ def evaluate_expclip(clip: ClipEncoder, projection: ExpCLIPProjection, df: pd.Da
                 write_report(out/f"{name.lower()}-{k}", y, scores, ls, items=list(df['path']), overwrite=overwrite,
                              run=dict(method=name, prompts=k, **run))
         atomic_write_bytes(out/'summary.csv', table.to_csv().encode())
+        record_outputs(out)
     return table
