@@ -18,7 +18,7 @@ from fastai.data.transforms import ColSplitter, IntToFloatTensor
 from fastai.vision.core import PILImage
 from fastai.torch_core import TensorBase, set_seed
 from fastai.data.transforms import Transform
-from .core import check_variant, label_set, war, mean_average_precision, war_metric, uar_metric, map_metric, prepare_output_dir
+from .core import check_variant, label_set, war, mean_average_precision, war_metric, uar_metric, map_metric, prepare_output_dir, records_outputs
 from .data import (LevelCrop, parse_box, normalization, multi_hot, split_dataloader, read_caer_s, read_emotic,
                         join_boxes, train_val_rows, target_block)
 from .encoders import ClipEncoder
@@ -693,6 +693,7 @@ def dls_normalization(dls) -> str | None:
         if stats is not None and torch.allclose(mean, torch.tensor(stats[0], dtype=torch.float64), atol=1e-5): return name
     return None
 
+@records_outputs('out')
 def train_cocoer(df: pd.DataFrame, out, clip: ClipEncoder = None, labels=None, multi_label: bool = None, model: str = 'cocoer',
                  size: int = 224, bs: int = None, config: TrainConfig = None, betas=(0.2, 0.2, 0.2, 0.2, 0.2), alpha: float = 0.1,
                  level_target: str = None, augment: bool = True, normalize: str = None, select: str = 'best', num_workers: int = 0,

@@ -7,15 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-import os, re, json, shutil, tempfile, threading, warnings
+import atexit, contextvars, functools, inspect, os, re, json, shutil, tempfile, threading, warnings
+from contextlib import contextmanager
 import numpy as np
 
 # %% auto #0
-__all__ = ['ADJECTIVES', 'SYNONYMS', 'EMOTIONS', 'LEVELS', 'LABEL_SETS', 'VARIANTS', 'OUTPUT_MARKER', 'canonical_name',
-           'LabelSet', 'register_label_set', 'label_set', 'label_mapping', 'map_labels', 'confusion_matrix',
-           'per_class_recall', 'war', 'uar', 'average_precision_per_class', 'mean_average_precision', 'war_metric',
-           'uar_metric', 'map_metric', 'check_variant', 'is_main_process', 'atomic_write_bytes', 'atomic_write_text',
-           'atomic_write_json', 'output_manifest', 'prepare_output_dir', 'record_outputs', 'check_output_disjoint',
+__all__ = ['ADJECTIVES', 'SYNONYMS', 'EMOTIONS', 'LEVELS', 'LABEL_SETS', 'TABLE_COLUMNS', 'VARIANTS', 'OUTPUT_MARKER',
+           'canonical_name', 'LabelSet', 'register_label_set', 'label_set', 'label_mapping', 'map_labels',
+           'table_schema', 'confusion_matrix', 'per_class_recall', 'war', 'uar', 'average_precision_per_class',
+           'mean_average_precision', 'war_metric', 'uar_metric', 'map_metric', 'check_variant', 'is_main_process',
+           'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'output_manifest', 'prepare_output_dir',
+           'record_outputs', 'records_outputs', 'resuming_runs', 'resume_requested', 'check_output_disjoint',
            'emonb_home', 'image_to_8bit', 'eight_bit_rule']
 
 # %% ../nbs/00_core.ipynb #ad084668
@@ -183,6 +185,19 @@ def map_labels(labels, src, dst, missing='raise') -> np.ndarray:
         bad = labels[(labels < 0) | (labels >= len(src))]
         raise ValueError(f"labels out of range for {src.name!r} (0..{len(src)-1}): {sorted(set(bad.tolist()))[:10]}")
     return label_mapping(src, dst, missing)[labels]
+
+# %% ../nbs/00_core.ipynb #48d84f54
+TABLE_COLUMNS = {
+    'path': "the sample's file (image, frame folder or video); relative paths resolve against the CSV's folder. Required",
+    'split': "train, val or test. Required (without val rows a stratified share of train is held out to validate on)",
+    'label': "the class index, 0-based, in the label set. This or label_name is required; with both they must agree",
+    'label_name': "the class name in any usual spelling (happiness, happy, Happy...), mapped onto the label set",
+    'dataset': "the label set's name, one value for all rows (or pass labels= / --labels)",
+    'face_box, body_box': "boxes as 'x0 y0 x1 y1' in pixels, for the scene methods (emonb crops writes them)"}
+
+def table_schema() -> str:
+    "`TABLE_COLUMNS` as the text `emonb train --help` shows."
+    return 'a sample table (--dataset table) is a CSV with the columns:\n' + '\n'.join(f"  {k}: {v}" for k, v in TABLE_COLUMNS.items())
 
 # %% ../nbs/00_core.ipynb #fc39c4b9
 def _np(x):
@@ -370,6 +385,8 @@ def prepare_output_dir(path, overwrite: bool = False) -> Path:
     if not is_main_process():   # torchrun / accelerate: rank 0 owns the folder; the others only make sure it exists
         path.mkdir(parents=True, exist_ok=True); return path
     if path.exists() and not path.is_dir(): raise NotADirectoryError(f"output path {path} exists and is not a folder")
+    if _RESUMING.get() and path.exists() and output_manifest(path) is not None:   # resuming: keep what the stopped run wrote
+        _remove_stale_tmp(path); _claimed.add(path.resolve()); return path
     created, m, kept = not path.exists(), None, []
     if not created:
         m, found = output_manifest(path), _entries(path)
@@ -388,6 +405,7 @@ def prepare_output_dir(path, overwrite: bool = False) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     with _manifest_lock: _write_manifest(path, created if m is None else m.get('created', False), kept=kept)
     if created: _record_in_parent(path, first_existing)
+    _claimed.add(path.resolve())
     return path
 
 def record_outputs(path, names=None) -> list:
@@ -407,6 +425,50 @@ def record_outputs(path, names=None) -> list:
         m.update(entries=sorted(entries), kept=sorted(set(m['kept']) - set(new)))
         atomic_write_json(path/OUTPUT_MARKER, m)
     return m['entries']
+
+def records_outputs(arg: str):
+    "Decorator for a function that writes into the output folder given as its argument `arg`: when it returns or fails, record in that folder's manifest what was written there."
+    def deco(f):
+        sig = inspect.signature(f)
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            try: return f(*args, **kwargs)
+            finally:
+                path = sig.bind_partial(*args, **kwargs).arguments.get(arg)
+                try:
+                    if path is not None and is_main_process() and output_manifest(path) is not None: record_outputs(path)
+                except (OSError, ValueError): pass   # the folder was removed or damaged meanwhile: nothing to record
+        return wrapper
+    return deco
+
+_claimed = set()   # output folders this process claimed: recorded when it exits, whoever wrote into them
+
+@atexit.register
+def _record_claimed():
+    "At exit, record what was written into every folder this process claimed (a run that did not call `record_outputs` itself)."
+    for path in sorted(_claimed):
+        try:
+            if output_manifest(path) is not None: record_outputs(path)
+        except Exception: pass   # a folder removed or damaged since: nothing to record, and an exit is no time to raise
+
+def _remove_stale_tmp(path: Path) -> list:
+    "Remove the temporary files (`atomic_write_bytes`' `.<name>.<random>.tmp`) a killed write left anywhere under `path`."
+    stale = [f for f in path.rglob('.*.tmp') if f.is_file() and _tmp_target(f.name) is not None]
+    for f in stale: f.unlink()
+    return stale
+
+_RESUMING = contextvars.ContextVar('emonb_resuming', default=False)
+
+@contextmanager
+def resuming_runs():
+    "Inside this block `prepare_output_dir` keeps an emonb output folder as it is (stale temporary files removed; a folder the stopped run had not made yet is made as usual) and `emonb.learner.fit` continues each run from its last checkpoint."
+    token = _RESUMING.set(True)
+    try: yield
+    finally: _RESUMING.reset(token)
+
+def resume_requested() -> bool:
+    "True inside `resuming_runs()`."
+    return _RESUMING.get()
 
 # %% ../nbs/00_core.ipynb #9c7515c0
 def _ids(p: Path) -> set:

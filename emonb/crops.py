@@ -10,7 +10,7 @@ from pathlib import Path
 import os, io, sys, json, math, time, hashlib, tempfile, warnings, importlib.util
 import numpy as np, pandas as pd
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
-from .core import atomic_write_bytes, atomic_write_text, atomic_write_json, prepare_output_dir, record_outputs, image_to_8bit
+from .core import atomic_write_bytes, atomic_write_text, atomic_write_json, prepare_output_dir, record_outputs, image_to_8bit, records_outputs
 
 # %% auto #0
 __all__ = ['SHARED_DATA_ENV', 'DETECTOR_FILES', 'DETECTOR_TASKS', 'MODEL_SUFFIXES', 'PACKAGED_DIR', 'YUNET_FILE', 'FALLBACKS',
@@ -558,6 +558,7 @@ def _as_detector(d, kind, **kw):
         raise ValueError(f"{kind}_detector must be a path, None (the shared data default) or an object with detect() and identity; got {d!r}")
     return d
 
+@records_outputs('out')
 def crop_table(table, out=None, *, face_detector=None, person_detector=None, cache_dir=None, root=None,
                params: CropParams | None = None, batch_size: int = 8, device: str = 'cpu', conf: float = 0.25,
                imgsz: int = 640, on_error: str = 'raise', progress: bool = True, overwrite: bool = False,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from fastai.callback.core import Callback
-from .core import label_set, war_metric, uar_metric, prepare_output_dir, check_variant
+from .core import label_set, war_metric, uar_metric, prepare_output_dir, check_variant, records_outputs
 from .synth import SyntheticWorld
 from .data import clip_dataloaders, split_dataloader, split_validation, ClipToFloat, NORMALIZATION_PRESETS, CLIP_AUGMENTATIONS
 from .cache import build_clip_cache, cached_clip_dataloaders
@@ -140,6 +140,7 @@ def _use_clip_stats(dls, stats):
     if not found: raise ValueError("these DataLoaders have no ClipToFloat transform (not made by clip_dataloaders?)")
     for f in found: f.stats = None if stats is None else tuple(tuple(float(v) for v in s) for s in stats)
 
+@records_outputs('folder')
 def train_dferclip(df: pd.DataFrame, clip: ClipEncoder, folder, labels=None, texts: list = None, prompt: str = 'description',
                    n_frames: int = 16, size: int = None, bs: int = DFERCLIP_BATCH_SIZE, config: TrainConfig = None,
                    normalize: str = None, valid_pct: float = 0.1, seed: int = 0, keep_epochs: bool = False,

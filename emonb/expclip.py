@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import (label_set, war, uar, atomic_write_bytes, prepare_output_dir, record_outputs, atomic_write_json, VARIANTS,
+from .core import (label_set, war, uar, atomic_write_bytes, prepare_output_dir, record_outputs, atomic_write_json, VARIANTS, records_outputs,
                         check_variant, image_to_8bit)
 from .synth import SyntheticWorld, Scene, describe_face, compose_caption
 from .prompts import expclip_prompts, EXPCLIP_INSTRUCTIONS
@@ -600,6 +600,7 @@ def clip_video_features(clip: ClipEncoder, folders, n_frames: int = 16, cache: F
                   f"frames:{n_frames}:{how}:{_transform_id(pre)}", load=load, batch_size=batch_size, device=clip.device)
     return np.asarray(f).reshape(len(folders), n_frames, -1)
 
+@records_outputs('out')
 def fit_expclip(clip: ClipEncoder, teacher: Teacher, paths, out, config: TrainConfig = None, bs: int = 512, loss: str = None,
                 cache: FeatureCache = None, overwrite: bool = False, variant: str = 'official', inputs: str = None, scale=None,
                 valid_pct: float = None) -> dict:
@@ -621,6 +622,7 @@ def fit_expclip(clip: ClipEncoder, teacher: Teacher, paths, out, config: TrainCo
     record_outputs(out)   # so that overwrite=True removes exactly what this run wrote
     return info
 
+@records_outputs('out')
 def evaluate_expclip(clip: ClipEncoder, projection: ExpCLIPProjection, df: pd.DataFrame, labels, out=None, kinds=PROMPT_KINDS,
                      n_frames: int = 16, cache: FeatureCache = None, overwrite: bool = False, variant: str = 'official',
                      inputs: str = None, frames: str = None, prompts: str = None, scale=None) -> pd.DataFrame:

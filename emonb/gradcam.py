@@ -14,7 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from fastai.callback.hook import Hooks, hook_outputs
-from .core import LEVELS, atomic_write_bytes, prepare_output_dir
+from .core import LEVELS, atomic_write_bytes, prepare_output_dir, records_outputs
 from .data import NORMALIZATION_PRESETS
 from .encoders import ClipEncoder, TimmImageEncoder
 from .kefer import KeferModel, ClipImageTower
@@ -349,6 +349,7 @@ def _dl_batches(data, n_inp=None):
         k = n_inp or k_dl or max(1, len(b) - 1)
         yield b[:k], (b[k] if len(b) > k else None)
 
+@records_outputs('folder')
 def write_gradcam_figures(model: nn.Module, data, folder, n: int = 8, per_figure: int = 4, levels=None, target=None,
                           classes=None, mean_std='auto', n_inp: int = None, overwrite: bool = False, dpi: int = 100, **cam_kw) -> pd.DataFrame:
     "Grad-CAM figures of the first `n` samples of `data` (a DataLoader, batches, or one batch) by `model`, `per_figure` rows each, and gradcam.csv, in `folder`."

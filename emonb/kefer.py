@@ -21,7 +21,7 @@ from fastai.vision.core import PILImage, TensorImage
 from fastai.vision.augment import Resize, RandTransform
 from fastai.torch_core import set_seed
 from fastai.losses import CrossEntropyLossFlat
-from .core import LabelSet, label_set, war_metric, uar_metric, prepare_output_dir, check_variant, VARIANTS
+from .core import LabelSet, label_set, war_metric, uar_metric, prepare_output_dir, check_variant, VARIANTS, records_outputs
 from .data import image_dataloaders, split_dataloader, train_val_rows, target_block, normalization, load_image
 from .prompts import kefer_prompts, KEFER_DEFAULT
 from .encoders import ClipEncoder, TimmImageEncoder, HFTextEncoder
@@ -344,6 +344,7 @@ def _text_encoder_record(text_encoder) -> dict:
     name = str(getattr(text_encoder, 'path', None) or _encoder_name(text_encoder))
     return dict(text_encoder=name, **(dict(text_clip=text_encoder.describe()) if isinstance(text_encoder, ClipEncoder) else {}))
 
+@records_outputs('out')
 def train_kefer(df: pd.DataFrame, out, labels=None, text_encoder=None, prototypes=None, template=None, words: str = 'noun',
                 articles: bool = None, visual_encoder: nn.Module = None, arch: str = 'resnet18', stem: str = 'imagenet',
                 head: str = None, encoder_kw: dict = None, size: int = None, bs: int = KEFER_BATCH_SIZE, config: TrainConfig = None,
@@ -386,6 +387,7 @@ def train_kefer(df: pd.DataFrame, out, labels=None, text_encoder=None, prototype
     return _fit_and_report(df, out, model, Float32Loss(kl), 'kefer', labels, size, bs, config, augment, normalize, select, hflip_tta,
                            num_workers, progress, info, dls=dls, cbs=[KeferLogits(), *lr_cbs], keep_epochs=keep_epochs, device=device)
 
+@records_outputs('out')
 def train_classifier(df: pd.DataFrame, out, labels=None, visual_encoder: nn.Module = None, arch: str = 'resnet18',
                      stem: str = 'imagenet', encoder_kw: dict = None, size: int = None, bs: int = KEFER_BATCH_SIZE,
                      config: TrainConfig = None, label_smoothing: float = 0., augment: str = None, normalize: str = 'imagenet',

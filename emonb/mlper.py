@@ -13,7 +13,7 @@ from torch import nn
 import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.vision.augment import Resize
-from .core import LEVELS, ADJECTIVES, LabelSet, label_set, canonical_name, war_metric, uar_metric, prepare_output_dir
+from .core import LEVELS, ADJECTIVES, LabelSet, label_set, canonical_name, war_metric, uar_metric, prepare_output_dir, records_outputs
 from .data import read_caer_s, join_boxes, multilevel_dataloaders, split_validation
 from .cache import build_level_cache, cached_multilevel_dataloaders
 from .prompts import PromptSet, mlper_prompts
@@ -401,6 +401,7 @@ def evaluate_mlper(learn, df: pd.DataFrame, split: str = 'test', folder=None, ru
     if folder is None: return evaluate_predictions(targets.numpy(), probs.numpy(), names)
     return write_report(folder, targets.numpy(), probs.numpy(), names, items=list(rows.path), run=run, overwrite=overwrite)
 
+@records_outputs('out')
 def train_mlper(df: pd.DataFrame, clip: ClipEncoder, out, labels=None, prompts: PromptSet = None, levels=LEVELS,
                 prompt_levels=None, align_levels=None, lam: float = 1., size: int = None, bs: int = MLPER_BATCH_SIZE,
                 config: TrainConfig = None, context: str = 'whole', augment: str = 'mlper', resize: str = 'squish',

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
-from .core import label_set, LabelSet, LEVELS, prepare_output_dir, atomic_write_text
+from .core import label_set, LabelSet, LEVELS, prepare_output_dir, atomic_write_text, records_outputs
 
 # %% auto #0
 __all__ = ['AU_NAMES', 'AU_PROTOTYPES', 'OCCLUSION_KINDS', 'CONFLICT_LABELS', 'SKIN_TONES', 'HAIR_COLORS', 'HAIR_STYLES', 'JAWS',
@@ -1102,6 +1102,7 @@ def manifest_row(path: str, split: str, scene: Scene, ls: LabelSet, boxes: bool 
 def _report(progress, layout, split, n, t0):
     if progress: print(f"{layout}: wrote {n} files of split {split!r} in {time.perf_counter() - t0:.1f}s")
 
+@records_outputs('root')
 def write_dataset(world: SyntheticWorld, root, layout: str, sizes: dict, overwrite: bool = False,
                   progress: bool = False) -> pd.DataFrame:
     "Write `sizes[split]` samples of each split of `world` under `root` in `layout`; returns (and saves) the manifest."

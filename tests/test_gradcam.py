@@ -204,7 +204,7 @@ def test_figures(tmp_path, cocoer):
     p = save_figure(fig, tmp_path/'f.png')
     assert p.read_bytes()[:4] == b'\x89PNG' and sorted(q.name for q in tmp_path.iterdir()) == ['f.png']
     df = write_gradcam_figures(cocoer, cb, tmp_path/'rep', n=3, per_figure=2)
-    assert sorted(q.name for q in (tmp_path/'rep').iterdir()) == ['gradcam.csv', 'gradcam_000.png', 'gradcam_001.png']
+    assert sorted(q.name for q in (tmp_path/'rep').iterdir() if not q.name.startswith('.')) == ['gradcam.csv', 'gradcam_000.png', 'gradcam_001.png']
     assert len(pd.read_csv(tmp_path/'rep'/'gradcam.csv')) == 3 and df.figure.tolist() == ['gradcam_000.png'] * 2 + ['gradcam_001.png']
     with pytest.raises(FileExistsError, match='overwrite=True'):
         write_gradcam_figures(cocoer, cb, tmp_path/'rep')
