@@ -4,8 +4,10 @@
 
 # %% ../nbs/20_cli.ipynb #7994b08d
 from __future__ import annotations
-import argparse, sys, warnings
+import argparse, contextlib, sys, warnings
+from pathlib import Path
 import emonb
+from .core import table_schema   # light (numpy only): the command line starts without torch
 
 # %% auto #0
 __all__ = ['USER_ERRORS', 'METHODS', 'DataCheckFailed', 'build_parser', 'main']
@@ -21,6 +23,11 @@ def _finite_float(s, low=None, high=None, low_open=True):
     if low is not None and (v <= low if low_open else v < low): raise argparse.ArgumentTypeError(f"expected a number {'>' if low_open else '>='} {low}, got {s!r}")
     if high is not None and v >= high: raise argparse.ArgumentTypeError(f"expected a number < {high}, got {s!r}")
     return v
+
+class _LinesKept(argparse.HelpFormatter):
+    "Wraps one-line texts as usual; keeps the lines of a text that has several (a table in an epilog)."
+    def _fill_text(self, text, width, indent):
+        return ''.join(indent + l for l in text.splitlines(keepends=True)) if '\n' in text else super()._fill_text(text, width, indent)
 
 def _positive_float(s): return _finite_float(s, low=0)
 def _fraction(s): return _finite_float(s, low=0, high=1)
@@ -39,10 +46,13 @@ def _add_quickstart(sub):
                                    'a report folder (metrics.json, predictions.csv, confusion.png); then train each of the '
                                    'five methods briefly on synthetic faces, clips and scenes with the world CLIP shipped '
                                    'with emonb, test them and the zero-shot CLIP, and print one comparison table '
-                                   '(comparison.md / comparison.csv). No downloads; about 5 minutes on a 2-core CPU.')
+                                   '(comparison.md / comparison.csv). No downloads. Measured: 2 min 34 s (230 CPU-seconds) on a 2-core CPU at load 1.2-1.6 '
+                                   '(/usr/bin/time -v emonb quickstart --out /tmp/qs_measure); a busy machine takes several times longer. '
+                                   'It prints each step, each method\'s start and end, and the time left after every training epoch; '
+                                   'every figure and report says "synthetic world".')
     p.add_argument('--out', default=None, help='output folder (default: a new runs/quickstart-<time> folder)')
     p.add_argument('--seed', type=int, default=0, help='seed of the synthetic world and of training (default 0)')
-    p.add_argument('--n-train', type=_positive_int, default=2800, help='training images to generate (default 2800)')
+    p.add_argument('--n-train', type=_positive_int, default=2800, help='training images to generate (default 2800; the 90%% left after validation must fill one batch of --bs)')
     p.add_argument('--n-test', type=_positive_int, default=700, help='test images to generate (default 700)')
     p.add_argument('--epochs', type=_positive_int, default=8, help='training epochs (default 8)')
     p.add_argument('--bs', type=_positive_int, default=64, help='batch size (default 64)')
@@ -51,7 +61,7 @@ def _add_quickstart(sub):
                    help="methods to compare after the classifier: 'all' (default: zeroshot,kefer,expclip,dferclip,mlper,cocoer), "
                         "'none', or a comma-separated list")
     p.add_argument('--overwrite', action='store_true', help='replace the contents of an existing output folder')
-    p.add_argument('--no-progress', action='store_true', help='hide the progress bars')
+    p.add_argument('--no-progress', action='store_true', help="hide the classifier's progress bars and epoch table (step lines, method start/end and time-left lines still print)")
     def run(a):
         from emonb.quickstart import quickstart, COMPARED_METHODS
         methods = COMPARED_METHODS if a.methods == 'all' else () if a.methods == 'none' else tuple(m.strip() for m in a.methods.split(',') if m.strip())
@@ -149,7 +159,8 @@ def _add_train(sub):
                                    'Writes checkpoints (models/checkpoints) and report/ (metrics.json, predictions.csv, '
                                    'confusion.png) into --out. Data-parallel in several processes: '
                                    'torchrun --nproc_per_node N "$(which emonb)" train ... (CPUs or GPUs), or '
-                                   'accelerate launch --multi_gpu --num_processes N "$(which emonb)" train ... ; --bs is per process.')
+                                   'accelerate launch --multi_gpu --num_processes N "$(which emonb)" train ... ; --bs is per process.',
+                       epilog=table_schema(), formatter_class=_LinesKept)
     p.add_argument('method', choices=('classifier', 'kefer', 'expclip', 'dferclip', 'mlper', 'cocoer'),
                    help='classifier/kefer/expclip: face images; dferclip: videos; mlper/cocoer: images with face and body boxes')
     p.add_argument('--dataset', required=True, help="reader: fer2013, rafdb, caer_s, fedro, ferplus, affectnet7/8, dfew, mafw, ferv39k, "
@@ -194,11 +205,19 @@ def _add_train(sub):
                    help='before training every file is opened once (cached per table fingerprint): raise = stop, naming every bad file (default); '
                         'skip = leave them out, listed on the console and in the report; report = only list them (and classes missing from a split), train nothing')
     p.add_argument('--strict', action='store_true', help='a class with no samples in a split is an error, not a note')
-    p.add_argument('--overwrite', action='store_true', help='replace the contents of an existing output folder')
+    p.add_argument('--resume', action='store_true', help="continue a stopped run in --out from its last checkpoint (its epochs, optimiser and "
+                                                          "random states: the result equals an uninterrupted run's); give the same options as the first time")
+    p.add_argument('--overwrite', action='store_true', help='replace what emonb wrote in an existing output folder (a folder emonb did not create is never cleared)')
     p.add_argument('--no-progress', action='store_true', help='hide the progress bars and training log')
     def run(a):
         from emonb.train import train, read_training_table, load_clip, train_fer2013, check_table_files, cpu_threads
         import torch
+        from emonb.core import resuming_runs
+        if a.resume and a.overwrite: raise ValueError("--resume continues the run in --out; --overwrite would replace it: give one of them")
+        if a.resume:
+            from emonb.core import output_manifest
+            if output_manifest(a.out) is None or not any(Path(a.out).rglob('checkpoints/last.pth')):
+                raise FileNotFoundError(f"nothing to resume in {a.out}: no emonb run there has finished an epoch; start it without --resume")
         on_cpu = (a.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cpu'
         threads = a.threads or (cpu_threads() if on_cpu else None)
         if threads is not None:
@@ -212,8 +231,9 @@ def _add_train(sub):
             df = read_fer2013(a.root, test_split=a.test_split or 'PublicTest', valid_pct=a.valid_pct, seed=a.seed or 0)
             if a.on_bad_file == 'report': return _report_files(check_table_files, df, a)
             df = check_table_files(df, a.on_bad_file, strict=a.strict, out=None if a.no_progress else print)
-            _, met = train_fer2013(df, a.out, preset=a.preset or 'cpu', method=a.method, epochs=a.epochs, lr=a.lr, n_train=a.n_train, max_steps=a.max_steps,
-                                   device=a.device, overwrite=a.overwrite, progress=not a.no_progress)
+            with resuming_runs() if a.resume else contextlib.nullcontext():
+                _, met = train_fer2013(df, a.out, preset=a.preset or 'cpu', method=a.method, epochs=a.epochs, lr=a.lr, n_train=a.n_train,
+                                       max_steps=a.max_steps, device=a.device, overwrite=a.overwrite, progress=not a.no_progress)
             print(f"{a.method} (fer2013 preset {a.preset or 'cpu'}) on fer2013: test WAR {met['war']:.2%}  UAR {met['uar']:.2%}  (n={met['n']}); "
                   f"report in {a.out}/report; model bundle {a.out}/model.safetensors")
             return
@@ -247,9 +267,10 @@ def _add_train(sub):
             df = read_fer2013(a.root, test_split=a.test_split, valid_pct=a.valid_pct, seed=a.seed or 0)
         else: df = read_training_table(a.dataset, a.root, labels=a.labels)
         if a.on_bad_file == 'report': return _report_files(check_table_files, df, a)
-        _, met = train(m, df, a.out, clip=clip, epochs=a.epochs, bs=a.bs, lr=a.lr, seed=a.seed, device=a.device,
-                       valid_pct=a.valid_pct, overwrite=a.overwrite, progress=not a.no_progress, teacher=a.teacher, variant=a.variant,
-                       max_steps=a.max_steps, on_bad_file=a.on_bad_file, strict=a.strict, **kw)
+        with resuming_runs() if a.resume else contextlib.nullcontext():
+            _, met = train(m, df, a.out, clip=clip, epochs=a.epochs, bs=a.bs, lr=a.lr, seed=a.seed, device=a.device,
+                           valid_pct=a.valid_pct, overwrite=a.overwrite, progress=not a.no_progress, teacher=a.teacher, variant=a.variant,
+                           max_steps=a.max_steps, on_bad_file=a.on_bad_file, strict=a.strict, **kw)
         if is_main_process():
             r = met.get('run', {}); c = r.get('clip_checkpoint')
             what = ', '.join(x for x in (f"variant {r['variant']}" if r.get('variant') else '',
@@ -409,7 +430,10 @@ def main(argv=None, _args=None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    try: args.run(args)
+    try:
+        _check_out(args)
+        args.run(args)
+        _record_out(args)
     except _user_errors() as e:
         msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
         if msg.startswith('Exception occured in `'): msg = msg.split('\n\t', 1)[-1]   # fastai's wrapping of a callback's error
@@ -419,6 +443,28 @@ def main(argv=None, _args=None) -> int:
         print(f"\nemonb {args.command}: interrupted{_resume_hint(args, argv)}", file=sys.stderr)
         return 130
     return 0
+
+_INPUTS = ('root', 'table', 'weights', 'clip_weights', 'teacher')   # options naming files or folders a command reads
+
+def _check_out(args):
+    "Refuse an --out that is, is inside or contains an input (an overwrite there could delete the data); predict's CSV may sit beside its inputs but not replace one."
+    out = getattr(args, 'out', None)
+    if out is None: return
+    from emonb.core import check_output_disjoint
+    inputs = {f"--{k.replace('_', '-')}": getattr(args, k) for k in _INPUTS if isinstance(getattr(args, k, None), str)}
+    if args.command == 'predict':
+        from pathlib import Path
+        for p in [*args.src, *inputs.values()]:
+            if Path(p).expanduser().resolve() == Path(out).expanduser().resolve(): raise ValueError(f"--out {out} is an input of this command: choose another file")
+        return
+    check_output_disjoint(out, inputs)
+
+def _record_out(args):
+    "After a command: record in its output folder's manifest what emonb wrote there (what a later --overwrite may remove)."
+    out = getattr(args, 'out', None)
+    if out is None or args.command == 'predict': return
+    from emonb.core import output_manifest, record_outputs, is_main_process
+    if is_main_process() and output_manifest(out) is not None: record_outputs(out)
 
 def _resume_hint(args, argv) -> str:
     "For an interrupted `emonb train`: the command that continues it from its last checkpoint."

@@ -17,7 +17,7 @@ from fastai.callback.core import Callback, CancelFitException, CancelTrainExcept
 from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, combine_scheds
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import set_seed, rank_distrib, num_distrib
-from .core import atomic_write_bytes, atomic_write_json, is_main_process
+from .core import atomic_write_bytes, atomic_write_json, is_main_process, resume_requested
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'TrainConfig', 'lr_schedule', 'barrier', 'unwrap_model', 'EpochCheckpoint', 'resume',
@@ -211,7 +211,7 @@ class RunETA(Callback):
         self.out = out or partial(print, flush=True)   # flushed: a log file or pipe sees each line when it is said
     def before_fit(self):
         self.t0, self.t_train, self.n_train, self.t_valid, self.n_valid, self.said_first = time.monotonic(), 0., 0, 0., 0, False
-        self.per_epoch = len(self.dls.train)
+        self.per_epoch = max(len(self.dls.train), 1)   # (a training set smaller than one batch has no batch: fastai trains nothing)
         self.skip = getattr(self.learn, '_start_epoch', 0) * self.per_epoch   # steps done before a resume
         total = self.n_epoch * self.per_epoch
         self.total = min(total, self.max_steps) if self.max_steps else total
@@ -269,13 +269,15 @@ def make_learner(dls, model: nn.Module, loss_func, config: TrainConfig, splitter
     return learn
 
 def fit(learn: Learner, config: TrainConfig = None, resume_from=None, start_epoch: int = 0, distributed='auto', quiet: bool = False):
-    "Train with the recipe's schedule; `resume_from` a checkpoint file continues a stopped run exactly. `distributed='auto'` trains data-parallel when launched in several processes; `quiet` hides the progress bars, the epoch table and the ETA lines. A non-finite training loss stops the run (`NonFiniteLossError`); `config.max_steps` ends it after that many steps."
+    "Train with the recipe's schedule; `resume_from` a checkpoint file continues a stopped run exactly. `distributed='auto'` trains data-parallel when launched in several processes; `quiet` hides the progress bars, the epoch table and the ETA lines. A non-finite training loss stops the run (`NonFiniteLossError`); `config.max_steps` ends it after that many steps. Inside `emonb.core.resuming_runs()` a run with a `last.pth` continues from it."
     config = config or learn.train_config
     dist = num_distrib() > 1 if distributed == 'auto' else bool(distributed)
     if dist and num_distrib() < 2:
         raise ValueError("distributed=True needs a multi-process launch (accelerate launch, torchrun or notebook_launcher): "
                          "WORLD_SIZE is not set or is 1")
     rank = rank_distrib() if dist else 0
+    if resume_from is None and start_epoch == 0 and resume_requested() and (checkpoint_dir(learn)/'last.pth').is_file():
+        resume_from = checkpoint_dir(learn)/'last.pth'   # emonb train --resume: continue where the stopped run's last epoch ended
     if resume_from is not None:
         start_epoch = resume(learn, resume_from)
         r = learn._resume_state

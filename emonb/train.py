@@ -10,7 +10,7 @@ import hashlib, json, os, time
 import numpy as np
 import pandas as pd
 import torch
-from .core import label_set, LABEL_SETS, canonical_name, emonb_home, atomic_write_text, prepare_output_dir, atomic_write_bytes, atomic_write_json, is_main_process, VARIANTS, check_variant
+from .core import label_set, LABEL_SETS, TABLE_COLUMNS, table_schema, canonical_name, emonb_home, atomic_write_text, prepare_output_dir, atomic_write_bytes, atomic_write_json, is_main_process, VARIANTS, check_variant, records_outputs
 from .data import IMAGE_EXTS, DataError, ProblemReport, check_images, check_frames, read_dfew, read_mafw, read_ferv39k, read_afew, read_emotic, split_validation, parse_box
 from .encoders import ClipEncoder, HFTextEncoder
 from .worldclip import world_clip_encoder
@@ -21,27 +21,15 @@ from .dferclip import train_dferclip, dferclip_config, DFERCLIP_BATCH_SIZE, DFER
 from .expclip import fit_expclip, evaluate_expclip, load_projection, BLIP2FlanT5Teacher, Teacher, expclip_config
 from .mlper import train_mlper, mlper_config, MLPER_BATCH_SIZE
 from .cocoer import train_cocoer, cocoer_config, world_table, COCOER_BATCH_SIZE
-from .predict import DATASET_READERS, bundle_from_run
+from .predict import DATASET_READERS, VIDEO_EXTS, bundle_from_run, video_frames_readable
 
 # %% auto #0
-__all__ = ['TRAIN_METHODS', 'TABLE_COLUMNS', 'TRAIN_READERS', 'ON_BAD_FILE', 'VARIANT_METHODS', 'FER2013_PRESETS',
-           'FER2013_NORMALIZE', 'table_schema', 'read_table', 'read_training_table', 'load_clip', 'cpu_threads',
-           'check_table_files', 'default_variant', 'train', 'train_fer2013']
+__all__ = ['TRAIN_METHODS', 'TRAIN_READERS', 'ON_BAD_FILE', 'STRICT_PROBLEMS', 'VARIANT_METHODS', 'FER2013_PRESETS',
+           'FER2013_NORMALIZE', 'read_table', 'read_training_table', 'load_clip', 'cpu_threads', 'check_table_files',
+           'default_variant', 'train', 'train_fer2013']
 
 # %% ../nbs/18_train.ipynb #47000d61
 TRAIN_METHODS = {'classifier': 'faces', 'kefer': 'faces', 'expclip': 'faces', 'dferclip': 'videos', 'mlper': 'scenes', 'cocoer': 'scenes'}
-
-TABLE_COLUMNS = {
-    'path': "the sample's file (image, frame folder or video); relative paths resolve against the CSV's folder. Required",
-    'split': "train, val or test. Required (without val rows a stratified share of train is held out to validate on)",
-    'label': "the class index, 0-based, in the label set. This or label_name is required; with both they must agree",
-    'label_name': "the class name in any usual spelling (happiness, happy, Happy...), mapped onto the label set",
-    'dataset': "the label set's name, one value for all rows (or pass labels= / --labels)",
-    'face_box, body_box': "boxes as 'x0 y0 x1 y1' in pixels, for the scene methods (emonb crops writes them)"}
-
-def table_schema() -> str:
-    "`TABLE_COLUMNS` as the text `emonb train --help` shows."
-    return 'a sample table (--dataset table) is a CSV with the columns:\n' + '\n'.join(f"  {k}: {v}" for k, v in TABLE_COLUMNS.items())
 
 def _bad_rows(csv, mask, what: str) -> ValueError:
     "An error naming the CSV lines (header = line 1) where `mask` is true."
@@ -142,18 +130,27 @@ def _table_stamp(df: pd.DataFrame) -> str:
         except OSError: h.update(f'{p}\0missing\n'.encode())
     return h.hexdigest()[:24]
 
+STRICT_PROBLEMS = ('class with no samples', 'frame count mismatch', 'truncated video')   # notes that strict=True makes errors
+
 def _find_problems(df: pd.DataFrame) -> list:
-    "Every problem of the table's files (ProblemReport items), whatever the policy."
-    if 'n_frames' in df.columns and len(df) and Path(df.path.iloc[0]).is_dir(): checked = check_frames(df, policy='skip')
-    else:
-        is_image = df.path.astype(str).str.lower().str.endswith(IMAGE_EXTS)
-        checked = check_images(df[is_image].reset_index(drop=True), policy='skip')
-        report = ProblemReport('files')
-        for p in df.path[~is_image]:
-            if not Path(p).exists(): report.add(p, 'missing file')
-        checked.attrs['problems'] = list(checked.attrs.get('problems', [])) + report.items
+    "Every problem of the table's files (ProblemReport items), whatever the policy: errors for files that cannot be used, notes for the rest."
     known = {id(o) for o in df.attrs.get('problems', [])}
-    return [o for o in checked.attrs.get('problems', []) if id(o) not in known]
+    if 'n_frames' in df.columns and len(df) and Path(df.path.iloc[0]).is_dir():   # frame folders: a count differing from the table's is a note
+        items = [o for o in check_frames(df, policy='repair').attrs.get('problems', []) if id(o) not in known]
+        for o in items:
+            if o['problem'] == 'frame count mismatch': o['action'] = 'kept: its clips are sampled from the frames on disk'
+        return items
+    path = df.path.astype(str).str.lower()
+    is_image, is_video = path.str.endswith(IMAGE_EXTS), path.str.endswith(VIDEO_EXTS)
+    checked = check_images(df[is_image].reset_index(drop=True), policy='skip')
+    report = ProblemReport('files')
+    for p in df.path[is_video]:
+        declared, n = video_frames_readable(p) if Path(p).is_file() else (0, -1)
+        if n <= 0: report.add(p, 'missing video' if n < 0 else 'unreadable video')
+        elif n < declared: report.add(p, 'truncated video', f"its header declares {declared} frames, {n} can be read", 'kept: the frames that can be read', 'note')
+    for p in df.path[~is_image & ~is_video]:
+        if not Path(p).exists(): report.add(p, 'missing file')
+    return [o for o in checked.attrs.get('problems', []) if id(o) not in known] + report.items
 
 def _empty_classes(df: pd.DataFrame) -> list:
     "Notes for each class of the label set with no sample in a split that has samples."
@@ -181,8 +178,9 @@ def check_table_files(df: pd.DataFrame, on_bad_file: str = 'raise', strict: bool
     listing = folder/f'{record.stem}.csv'
     if bad: atomic_write_text(listing, report.to_frame().to_csv(index=False))
     notes = _empty_classes(df)
-    if notes and strict:
-        raise DataError('; '.join(f"{o['path']} has no samples of {o['detail']}" for o in notes) + " (strict: no class may be missing)")
+    flagged = [o for o in report.items + notes if o['problem'] in STRICT_PROBLEMS]
+    if flagged and strict:
+        raise DataError(ProblemReport(report.dataset, flagged).summary(max_items=20) + "\n(strict: missing classes, frames and video frames are errors)")
     if bad and on_bad_file == 'raise':
         raise DataError(f"{len(bad)} of {len(df)} files cannot be used:\n{report.summary(max_items=20)}\nthe full list: {listing}\n"
                         f"Leave them out with on_bad_file='skip' (--on-bad-file skip), or replace them")
@@ -225,6 +223,7 @@ def _teacher(teacher, device, variant='official') -> Teacher:
     if teacher is None: raise ValueError("method 'expclip' needs a teacher: a Teacher object or the folder of local BLIP-2 (Flan-T5) weights")
     return BLIP2FlanT5Teacher(teacher, device=device, variant=variant)
 
+@records_outputs('out')
 def train(method: str, df: pd.DataFrame, out, clip: ClipEncoder = None, epochs: int = None, bs: int = None, lr: float = None,
           seed: int = None, config=None, device=None, valid_pct: float = 0.1, overwrite: bool = False, progress: bool = True,
           teacher=None, bundle: bool = True, variant: str = None, max_steps: int = None, on_bad_file: str = None, strict: bool = False,
@@ -315,6 +314,7 @@ def _take_train(df: pd.DataFrame, n_train: int, seed: int = 0) -> pd.DataFrame:
     out = pd.concat([keep, df[df.split != 'train']]).reset_index(drop=True); out.attrs = dict(df.attrs)
     return out
 
+@records_outputs('out')
 def train_fer2013(df: pd.DataFrame, out, preset: str = 'cpu', method: str = 'classifier', epochs: int = None, lr: float = None,
                   n_train: int = None, max_steps: int = None, threads: int = None, device=None, text_encoder=None, overwrite: bool = False,
                   progress: bool = True, bundle: bool = True, **kw) -> tuple:

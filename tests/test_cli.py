@@ -22,7 +22,8 @@ def test_no_command_is_an_error(emonb_exe):
     (['--n-train', '-5'], 'positive integer'),
     (['--epochs', '0'], 'positive integer'),
     (['--n-train', '10'], 'n_train must be at least 70'),
-    (['--lr', '-1'], 'lr must be positive'),
+    (['--lr', '-1'], 'expected a number > 0'),
+    (['--lr', 'nan'], 'expected a finite number'),
 ])
 def test_bad_settings_fail_clearly(emonb_exe, tmp_path, args, message):
     r = run(emonb_exe, 'quickstart', '--out', tmp_path/'run', *args)
@@ -47,7 +48,7 @@ def test_quickstart_end_to_end(emonb_exe, tmp_path):
     assert r.returncode == 2 and 'overwrite' in r.stderr and str(out) in r.stderr
     assert (out/'report'/'metrics.json').read_text() == before
     # ... unless told to overwrite
-    r = run(emonb_exe, 'quickstart', '--out', out, '--n-train', 70, '--n-test', 70, '--epochs', 1, '--overwrite', '--no-progress')
+    r = run(emonb_exe, 'quickstart', '--out', out, '--n-train', 70, '--n-test', 70, '--epochs', 1, '--bs', 32, '--overwrite', '--no-progress')
     assert r.returncode == 0, r.stderr
     assert len(list((out/'data'/'Training').rglob('*.jpg'))) == 70
 
