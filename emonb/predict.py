@@ -16,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 import emonb
-from .core import LabelSet, LEVELS, label_set, canonical_name, emonb_home, atomic_write_bytes, atomic_write_text, atomic_write_json
+from .core import LabelSet, LEVELS, label_set, canonical_name, emonb_home, atomic_write_bytes, atomic_write_text, atomic_write_json, image_to_8bit
 from .crops import (face_detector, person_detector, YuNetDetector, packaged_file, as_detections, crop_box, body_from_face, box_cover, box_area,
                          CropParams, ImageReadError, MODEL_SUFFIXES)
 from .data import (IMAGE_EXTS, NORMALIZATION_PRESETS, read_emotion_folders, read_fer2013, read_rafdb, read_caer_s, read_fedro, read_ferplus,
@@ -43,12 +43,13 @@ __all__ = ['BUNDLE_KEY', 'BUNDLE_VERSION', 'OUTPUTS', 'METHODS', 'INTERPOLATIONS
            'BundleChecksumWarning', 'tensor_checksum', 'text_checksum', 'nonfinite_tensors', 'describe_nonfinite',
            'Bundle', 'save_bundle', 'verify_bundle', 'bundle_header', 'load_bundle', 'add_bundle_checksum',
            'install_weights', 'Source', 'array_to_image', 'read_image', 'expand_sources', 'Frame', 'video_frame_count',
-           'iter_frames', 'write_video', 'Predictor', 'prompt_templates', 'ZeroShotPredictor', 'BundlePredictor',
-           'resolve_device', 'WorldModelWarning', 'default_model_path', 'make_predictor', 'as_detector', 'sort_faces',
-           'body_for_face', 'level_boxes', 'face_crops', 'predictions_frame', 'check_output_csv', 'write_predictions',
-           'predict', 'Stream', 'clip_streams', 'clip_windows', 'predict_clips', 'frame_rows', 'read_frame',
-           'plot_predictions', 'quickstart_bundle', 'read_run', 'run_checkpoint', 'labels_of_classes',
-           'unchanged_clip_keys', 'run_arch', 'bundle_from_run', 'read_dataset', 'evaluate_dataset']
+           'TruncatedVideoWarning', 'video_frames_readable', 'iter_frames', 'write_video', 'Predictor',
+           'prompt_templates', 'ZeroShotPredictor', 'BundlePredictor', 'resolve_device', 'WorldModelWarning',
+           'default_model_path', 'make_predictor', 'as_detector', 'sort_faces', 'body_for_face', 'level_boxes',
+           'face_crops', 'predictions_frame', 'check_output_csv', 'write_predictions', 'predict', 'Stream',
+           'clip_streams', 'clip_windows', 'predict_clips', 'frame_rows', 'read_frame', 'plot_predictions',
+           'quickstart_bundle', 'read_run', 'run_checkpoint', 'labels_of_classes', 'unchanged_clip_keys', 'run_arch',
+           'bundle_from_run', 'read_dataset', 'evaluate_dataset']
 
 # %% ../nbs/16_predict.ipynb #aa78243e
 BUNDLE_KEY = 'emonb_bundle'
@@ -539,10 +540,8 @@ def array_to_image(a, name: str = 'array') -> Image.Image:
     return _rgb(Image.fromarray(a))
 
 def _rgb(im: Image.Image) -> Image.Image:
-    if im.mode == 'RGB': return im
-    if im.mode in ('RGBA', 'LA') or (im.mode == 'P' and 'transparency' in im.info):
-        im = im.convert('RGBA'); bg = Image.new('RGBA', im.size, (0, 0, 0, 255)); im = Image.alpha_composite(bg, im)
-    return im.convert('RGB')
+    "8-bit RGB by `emonb.core.image_to_8bit` (16-bit and float images scaled, not clipped white; transparency on black)."
+    return im if im.mode == 'RGB' else image_to_8bit(im, 'RGB')
 
 def read_image(path) -> Image.Image:
     "An image file as RGB, EXIF orientation applied; errors name the file."
@@ -594,11 +593,25 @@ def video_frame_count(path) -> int:
     try: return max(0, int(cap.get(_cv2().CAP_PROP_FRAME_COUNT))) if cap.isOpened() else 0
     finally: cap.release()
 
+class TruncatedVideoWarning(UserWarning):
+    "A video file gave fewer frames than its header declares."
+
+def video_frames_readable(path) -> tuple:
+    "(frames the header of video file `path` declares, frames that can actually be read): a truncated file reads fewer."
+    cv2 = _cv2(); cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened(): return 0, 0
+    try:
+        declared, n = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))), 0
+        while cap.grab(): n += 1
+        return declared, n
+    finally: cap.release()
+
 def _video_frames(src: Source, frame_step: int, videos: dict):
     cv2 = _cv2()
     cap = cv2.VideoCapture(str(src.obj))
     if not cap.isOpened(): raise ImageReadError(f"cannot read video file {src.obj}: OpenCV cannot open it")
     fps, i, used = cap.get(cv2.CAP_PROP_FPS), 0, 0
+    declared = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
     try:
         while True:
             if i % frame_step == 0:
@@ -609,8 +622,12 @@ def _video_frames(src: Source, frame_step: int, videos: dict):
             elif not cap.grab(): break
             i += 1
     finally: cap.release()
-    videos[src.name] = dict(fps=float(fps), frames=i, frames_used=used)
+    videos[src.name] = dict(fps=float(fps), frames=i, frames_used=used, frames_declared=declared)
     if used == 0: raise ImageReadError(f"cannot read video file {src.obj}: no frame could be decoded")
+    if i < declared:
+        videos[src.name]['truncated'] = True
+        warnings.warn(f"video {src.obj} declares {declared} frames but only {i} could be read (a truncated or damaged file): "
+                      f"its rows stop at frame {i - 1}", TruncatedVideoWarning)
 
 def iter_frames(sources, frame_step: int = 1, on_error: str = 'raise', videos: dict | None = None):
     "Frames of `sources` one at a time; unreadable sources raise (naming the file) or, with on_error='report', give an error frame."
@@ -1168,8 +1185,9 @@ def plot_predictions(image, rows: pd.DataFrame, path=None, ax=None, title: str |
 
 # %% ../nbs/16_predict.ipynb #be269df9
 def _fastai_state(path) -> dict:
-    from fastcore.foundation import L   # fastai saves the optimiser state with fastcore lists in it
-    with torch.serialization.safe_globals([L]): sd = torch.load(path, map_location='cpu', weights_only=True)
+    from fastcore.foundation import L   # fastai saves the optimiser state with fastcore lists and numpy scalars in it
+    allowed = [L, np._core.multiarray.scalar, np.dtype, *{type(np.dtype(t)) for t in ('float64', 'float32', 'int64', 'int32', 'bool')}]
+    with torch.serialization.safe_globals(allowed): sd = torch.load(path, map_location='cpu', weights_only=True)
     return sd['model'] if isinstance(sd, dict) and 'model' in sd and isinstance(sd['model'], dict) else sd
 
 def quickstart_bundle(run, path=None, overwrite: bool = False) -> Path:

@@ -123,11 +123,12 @@ def test_16bit_png_is_not_white_in_any_reader(tmp_path):
     "The bug this fixes: a 16-bit PNG read as almost white (mean 254) by every reader."
     from emonb.crops import _decode
     from emonb.expclip import read_rgb
+    from emonb.predict import read_image
     arr = np.linspace(0, 65535, 64 * 64).reshape(64, 64)
     p = tmp_path/'x.png'; Image.fromarray(arr.astype(np.uint16)).save(p)
     with Image.open(p) as im: assert np.asarray(im.convert('RGB')).mean() > 250      # what Pillow alone does
     expected = (arr.astype(np.uint16) / 257).mean()
-    for name, im in [('load_image', load_image(p)), ('read_rgb', read_rgb(p)), ('crops', _decode(str(p), p.read_bytes())),
+    for name, im in [('load_image', load_image(p)), ('read_rgb', read_rgb(p)), ('predict.read_image', read_image(p)), ('crops', _decode(str(p), p.read_bytes())),
                      ('image_to_8bit', image_to_8bit(Image.open(p)))]:
         a = np.asarray(im)
         assert im.mode == 'RGB' and abs(a.mean() - expected) <= 1, f"{name}: mean {a.mean():.1f}, expected {expected:.1f}"
@@ -141,3 +142,16 @@ def test_byte_orders_and_bad_modes():
     rgba = Image.new('RGBA', (1, 1), (200, 100, 50, 128))
     assert np.asarray(image_to_8bit(rgba))[0, 0].tolist() == [100, 50, 25]                          # on black
     assert np.asarray(image_to_8bit(rgba, transparency='ignore'))[0, 0].tolist() == [200, 100, 50]  # dropped, as Pillow's convert
+
+
+def test_predict_on_a_16bit_png_equals_predict_on_its_8bit_reference(tmp_path):
+    "End to end: the shipped model gives a 16-bit PNG the probabilities of the same picture stored in 8 bits."
+    from emonb.predict import predict
+    yy, xx = np.mgrid[:96, :96]
+    ref8 = (127 + 120 * np.sin(xx / 9.) * np.cos(yy / 13.)).astype(np.uint16)
+    Image.fromarray(ref8 * 257).save(tmp_path/'deep.png')       # 16-bit: value * 257 is exact
+    Image.fromarray(ref8.astype(np.uint8)).save(tmp_path/'ref.png')
+    with Image.open(tmp_path/'deep.png') as im: assert im.mode.startswith('I')
+    p = predict([tmp_path/'deep.png', tmp_path/'ref.png'], detector='whole', progress=False)
+    classes = ['anger', 'disgust', 'fear', 'happiness', 'sadness', 'surprise', 'neutral']
+    assert np.abs(p[classes].iloc[0].to_numpy() - p[classes].iloc[1].to_numpy()).max() < 1e-6

@@ -116,7 +116,7 @@ def test_video_and_arrays(tmp_path, faces, zeroshot):
     v = write_video(ims[:10], tmp_path/'v.mp4', fps=5)
     df = predict(v, method=zeroshot, detector=None, frame_step=3, progress=False)
     assert df.frame.tolist() == [0, 3, 6, 9]
-    assert df.attrs['summary']['video_info'][str(v)] == dict(fps=5.0, frames=10, frames_used=4)
+    assert df.attrs['summary']['video_info'][str(v)] == dict(fps=5.0, frames=10, frames_used=4, frames_declared=10)
     arr = predict([np.asarray(ims[0]), np.asarray(ims[0]).astype(np.float32) / 255], method=zeroshot, detector=None, progress=False)
     np.testing.assert_allclose(arr[BASIC7].to_numpy()[0], arr[BASIC7].to_numpy()[1], atol=1e-5)
     assert arr.file.tolist() == ['<array 0>', '<array 1>']
