@@ -13,7 +13,8 @@ from .core import table_schema   # light (numpy only): the command line starts w
 __all__ = ['USER_ERRORS', 'METHODS', 'DataCheckFailed', 'build_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #81462d54
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, KeyError, FloatingPointError)
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError,
+               FloatingPointError)
 
 def _finite_float(s, low=None, high=None, low_open=True):
     "argparse type: a finite float (NaN and infinities are refused), optionally in (low, high)"
@@ -230,7 +231,7 @@ def _add_train(sub):
             from emonb.data import read_fer2013
             df = read_fer2013(a.root, test_split=a.test_split or 'PublicTest', valid_pct=a.valid_pct, seed=a.seed or 0)
             if a.on_bad_file == 'report': return _report_files(check_table_files, df, a)
-            df = check_table_files(df, a.on_bad_file, strict=a.strict, out=None if a.no_progress else print)
+            df = check_table_files(df, a.on_bad_file, strict=a.strict, out=print)
             with resuming_runs() if a.resume else contextlib.nullcontext():
                 _, met = train_fer2013(df, a.out, preset=a.preset or 'cpu', method=a.method, epochs=a.epochs, lr=a.lr, n_train=a.n_train,
                                        max_steps=a.max_steps, device=a.device, overwrite=a.overwrite, progress=not a.no_progress)
@@ -411,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='emonb', description='emonb: vision-language emotion recognition '
                                      '(DFER-CLIP, Exp-CLIP, knowledge-enhanced FER, MLPER, CocoER).')
     parser.add_argument('--version', action='version', version=f'emonb {emonb.__version__}')
+    parser.add_argument('--debug', action='store_true', help=argparse.SUPPRESS)   # a Python traceback instead of the one-line error
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     _add_quickstart(sub)
     _add_crops(sub)
@@ -435,6 +437,7 @@ def main(argv=None, _args=None) -> int:
         args.run(args)
         _record_out(args)
     except _user_errors() as e:
+        if getattr(args, 'debug', False): raise
         msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
         if msg.startswith('Exception occured in `'): msg = msg.split('\n\t', 1)[-1]   # fastai's wrapping of a callback's error
         print(f"emonb {args.command}: error: {msg}", file=sys.stderr)
@@ -453,11 +456,20 @@ def _check_out(args):
     from emonb.core import check_output_disjoint
     inputs = {f"--{k.replace('_', '-')}": getattr(args, k) for k in _INPUTS if isinstance(getattr(args, k, None), str)}
     if args.command == 'predict':
-        from pathlib import Path
         for p in [*args.src, *inputs.values()]:
             if Path(p).expanduser().resolve() == Path(out).expanduser().resolve(): raise ValueError(f"--out {out} is an input of this command: choose another file")
         return
     check_output_disjoint(out, inputs)
+    from emonb.core import output_manifest
+    p = Path(out)
+    if p.is_dir() and any(p.iterdir()) and not getattr(args, 'resume', False):   # refused now rather than after the work
+        if not getattr(args, 'overwrite', False):
+            raise FileExistsError(f"output folder {out} already exists and is not empty; choose another folder"
+                                  + (" or pass --overwrite to replace what emonb wrote there" if output_manifest(p) is not None else
+                                     " (emonb did not create it, so --overwrite would not clear it either)"))
+        if output_manifest(p) is None:
+            raise FileExistsError(f"refusing to overwrite {out}: emonb did not create it, and emonb only clears folders it created; "
+                                  f"choose a new or empty output folder")
 
 def _record_out(args):
     "After a command: record in its output folder's manifest what emonb wrote there (what a later --overwrite may remove)."

@@ -237,7 +237,7 @@ def train(method: str, df: pd.DataFrame, out, clip: ClipEncoder = None, epochs: 
     checked = None
     if on_bad_file is not None or strict:
         if on_bad_file == 'report': raise ValueError("on_bad_file='report' only checks: call check_table_files (emonb train --on-bad-file report)")
-        df = check_table_files(df, on_bad_file or 'raise', strict=strict, out=print if progress and is_main_process() else None)
+        df = check_table_files(df, on_bad_file or 'raise', strict=strict, out=print if is_main_process() else None)   # problems print even without progress
         checked = dict(bad_files_left_out=[o['path'] for o in df.attrs['problems'] if o['severity'] == 'error'],
                        notes=[f"{o['path']}: {o['problem']} ({o['detail']})" for o in df.attrs['problems'] if o['severity'] == 'note'])
     result = _train(method, df, out, clip, epochs, bs, lr, seed, config, device, valid_pct, overwrite, progress, teacher, max_steps, **kw)
