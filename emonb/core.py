@@ -12,13 +12,13 @@ from contextlib import contextmanager
 import numpy as np
 
 # %% auto #0
-__all__ = ['ADJECTIVES', 'SYNONYMS', 'EMOTIONS', 'LEVELS', 'LABEL_SETS', 'TABLE_COLUMNS', 'VARIANTS', 'OUTPUT_MARKER',
-           'canonical_name', 'LabelSet', 'register_label_set', 'label_set', 'label_mapping', 'map_labels',
-           'table_schema', 'confusion_matrix', 'per_class_recall', 'war', 'uar', 'average_precision_per_class',
-           'mean_average_precision', 'war_metric', 'uar_metric', 'map_metric', 'check_variant', 'is_main_process',
-           'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'output_manifest', 'prepare_output_dir',
-           'record_outputs', 'records_outputs', 'resuming_runs', 'resume_requested', 'check_output_disjoint',
-           'emonb_home', 'image_to_8bit', 'eight_bit_rule']
+__all__ = ['ADJECTIVES', 'SYNONYMS', 'EMOTIONS', 'LEVELS', 'LABEL_SETS', 'IMAGE_EXTS', 'TABLE_COLUMNS', 'VARIANTS',
+           'OUTPUT_MARKER', 'canonical_name', 'LabelSet', 'register_label_set', 'label_set', 'label_mapping',
+           'map_labels', 'table_schema', 'confusion_matrix', 'per_class_recall', 'war', 'uar',
+           'average_precision_per_class', 'mean_average_precision', 'war_metric', 'uar_metric', 'map_metric',
+           'check_variant', 'is_main_process', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
+           'output_manifest', 'prepare_output_dir', 'record_outputs', 'records_outputs', 'resuming_runs',
+           'resume_requested', 'check_output_disjoint', 'emonb_home', 'image_to_8bit', 'eight_bit_rule']
 
 # %% ../nbs/00_core.ipynb #ad084668
 ADJECTIVES = {
@@ -187,6 +187,8 @@ def map_labels(labels, src, dst, missing='raise') -> np.ndarray:
     return label_mapping(src, dst, missing)[labels]
 
 # %% ../nbs/00_core.ipynb #48d84f54
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')   # the image files emonb reads (readers, folders, predict)
+
 TABLE_COLUMNS = {
     'path': "the sample's file (image, frame folder or video); relative paths resolve against the CSV's folder. Required",
     'split': "train, val or test. Required (without val rows a stratified share of train is held out to validate on)",

@@ -15,25 +15,24 @@ import torch
 from fastai.vision.all import (DataBlock, TransformBlock, CategoryBlock, MultiCategoryBlock, ColSplitter, PILImage,
                                IntToFloatTensor, Normalize, Resize, RandomResizedCrop, Flip, Rotate, Brightness,
                                Contrast, Saturation, RandomErasing, TensorBase, Transform, imagenet_stats)
-from .core import LabelSet, label_set, canonical_name, EMOTIONS, LABEL_SETS, register_label_set, emonb_home, atomic_write_text, atomic_write_bytes, image_to_8bit, eight_bit_rule
+from .core import LabelSet, label_set, canonical_name, EMOTIONS, LABEL_SETS, register_label_set, emonb_home, atomic_write_text, atomic_write_bytes, image_to_8bit, eight_bit_rule, IMAGE_EXTS
 
 # %% auto #0
-__all__ = ['SAMPLE_COLUMNS', 'SPLITS', 'IMAGE_EXTS', 'POLICIES', 'PROBLEM_COLUMNS', 'FER2013_SPLITS', 'FERPLUS_VOTES',
-           'FERPLUS_FOLDERS', 'DFER_CLIP_SPLIT_FILES', 'CLIP_STATS', 'NORMALIZATION_PRESETS', 'AUGMENTATION_PRESETS',
-           'TSN_SAMPLINGS', 'CLIP_BRIGHTNESS', 'CLIP_ROTATION', 'CLIP_AUGMENTATIONS', 'DataError', 'ProblemReport',
-           'problem_report', 'class_counts', 'read_class_folders', 'extract_archive', 'read_fer2013',
-           'read_fer2013_csv', 'read_caer_s', 'read_fedro', 'emotion_folder_labels', 'read_emotion_folders',
-           'read_rafdb', 'class_balanced_weights', 'read_affectnet', 'ferplus_majority', 'read_ferplus', 'read_ckplus',
-           'read_emotic', 'multi_hot', 'read_split_file', 'read_dfer_clip_splits', 'read_dfew', 'read_afew',
-           'read_mafw', 'read_ferv39k', 'check_frames', 'load_image', 'check_images', 'split_validation',
-           'normalization', 'augmentation', 'train_val_rows', 'target_block', 'image_dataloaders', 'split_dataloader',
-           'parse_box', 'LevelCrop', 'multilevel_dataloaders', 'tsn_indices', 'clip_augment_params', 'augment_clip',
-           'TensorClip', 'LoadClip', 'ClipToFloat', 'LoadTrainClip', 'LoadEvalClip', 'clip_dataloaders', 'join_boxes']
+__all__ = ['SAMPLE_COLUMNS', 'SPLITS', 'POLICIES', 'PROBLEM_COLUMNS', 'FER2013_SPLITS', 'FERPLUS_VOTES', 'FERPLUS_FOLDERS',
+           'DFER_CLIP_SPLIT_FILES', 'CLIP_STATS', 'NORMALIZATION_PRESETS', 'AUGMENTATION_PRESETS', 'TSN_SAMPLINGS',
+           'CLIP_BRIGHTNESS', 'CLIP_ROTATION', 'CLIP_AUGMENTATIONS', 'DataError', 'ProblemReport', 'problem_report',
+           'class_counts', 'read_class_folders', 'extract_archive', 'read_fer2013', 'read_fer2013_csv', 'read_caer_s',
+           'read_fedro', 'emotion_folder_labels', 'read_emotion_folders', 'read_rafdb', 'class_balanced_weights',
+           'read_affectnet', 'ferplus_majority', 'read_ferplus', 'read_ckplus', 'read_emotic', 'multi_hot',
+           'read_split_file', 'read_dfer_clip_splits', 'read_dfew', 'read_afew', 'read_mafw', 'read_ferv39k',
+           'check_frames', 'load_image', 'check_images', 'split_validation', 'normalization', 'augmentation',
+           'train_val_rows', 'target_block', 'image_dataloaders', 'split_dataloader', 'parse_box', 'LevelCrop',
+           'multilevel_dataloaders', 'tsn_indices', 'clip_augment_params', 'augment_clip', 'TensorClip', 'LoadClip',
+           'ClipToFloat', 'LoadTrainClip', 'LoadEvalClip', 'clip_dataloaders', 'join_boxes']
 
 # %% ../nbs/02_data.ipynb #6afa31db
 SAMPLE_COLUMNS = ('dataset', 'path', 'label', 'label_name', 'split', 'fold', 'subset')
 SPLITS = ('train', 'val', 'test')
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 # %% ../nbs/02_data.ipynb #d6f8f7a8
 POLICIES = ('raise', 'skip', 'repair')

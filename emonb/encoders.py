@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from .core import emonb_home, atomic_write_json
 
 # %% auto #0
-__all__ = ['CLIP_ACTIVATIONS', 'model_config_dir', 'register_model_configs', 'resolve_pretrained', 'ClipWeightsNote',
-           'clip_weights_format', 'load_clip_state_dict', 'describe_clip_state_dict', 'describe_clip_config',
-           'clip_configs_fitting', 'check_clip_shapes', 'config_activation', 'clip_config_name', 'ClipEncoder',
-           'PromptLearner', 'TemporalBlock', 'TemporalTransformer', 'TimmImageEncoder', 'minilm_path', 'HFTextEncoder',
-           'weights_fingerprint', 'default_device', 'FeatureCache', 'benchmark_image_encoder',
-           'benchmark_feature_cache']
+__all__ = ['CLIP_ACTIVATIONS', 'ENCODER_HEADS', 'RESNET_STEMS', 'model_config_dir', 'register_model_configs',
+           'resolve_pretrained', 'ClipWeightsNote', 'clip_weights_format', 'load_clip_state_dict',
+           'describe_clip_state_dict', 'describe_clip_config', 'clip_configs_fitting', 'check_clip_shapes',
+           'config_activation', 'clip_config_name', 'ClipEncoder', 'PromptLearner', 'TemporalBlock',
+           'TemporalTransformer', 'TimmImageEncoder', 'minilm_path', 'HFTextEncoder', 'face_embedding_head',
+           'resnet_encoder', 'encoder_head', 'weights_fingerprint', 'default_device', 'FeatureCache',
+           'benchmark_image_encoder', 'benchmark_feature_cache']
 
 # %% ../nbs/05_encoders.ipynb #1f798545
 def model_config_dir() -> Path:
@@ -451,6 +452,36 @@ class HFTextEncoder(nn.Module):
         tok = self.model(**batch).last_hidden_state
         mask = batch['attention_mask'].unsqueeze(-1).to(tok.dtype)
         return F.normalize((tok * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+
+# %% ../nbs/05_encoders.ipynb #0757c082
+ENCODER_HEADS = ('linear', 'face_embedding')   # the projection after the pooled features
+
+def face_embedding_head(in_dim: int, out_dim: int) -> nn.Sequential:
+    "Linear(in, in, no bias) -> BatchNorm1d -> Linear(in, out, no bias) -> BatchNorm1d (eps 2e-5): the embedding head of the official code's face-recognition Swin-T."
+    return nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim, eps=2e-5),
+                         nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, eps=2e-5))
+
+RESNET_STEMS = ('imagenet', 'cifar', 'small')
+
+def resnet_encoder(arch: str = 'resnet18', embed_dim: int = 384, in_chans: int = 3, stem: str = 'imagenet',
+                   weights=None, head: str = 'linear', **kw) -> TimmImageEncoder:
+    "A timm ResNet + a projection to `embed_dim` (`head`: 'linear' or 'face_embedding'); `stem='cifar'`: a 3x3 stride-1 first conv and no max-pool (small images); `stem='small'`: the stride-2 first conv without the max-pool (small images on a CPU)."
+    if stem not in RESNET_STEMS: raise ValueError(f"stem must be one of {RESNET_STEMS}, got {stem!r}")
+    if head not in ENCODER_HEADS: raise ValueError(f"head must be one of {ENCODER_HEADS}, got {head!r}")
+    enc = TimmImageEncoder(arch, embed_dim=embed_dim, weights=weights, in_chans=in_chans, **kw)
+    if head == 'face_embedding': enc.proj = face_embedding_head(enc.backbone.num_features, embed_dim)
+    if stem in ('cifar', 'small'):
+        b = enc.backbone
+        if not (isinstance(getattr(b, 'conv1', None), nn.Conv2d) and hasattr(b, 'maxpool')):
+            raise ValueError(f"stem={stem!r} needs a timm ResNet with a single conv1 and a maxpool; {arch!r} has none")
+        if stem == 'cifar': b.conv1 = nn.Conv2d(in_chans, b.conv1.out_channels, 3, 1, 1, bias=False)
+        b.maxpool = nn.Identity()
+    return enc
+
+def encoder_head(enc) -> str | None:
+    "'face_embedding' or 'linear' for a `TimmImageEncoder` (its projection), None for other encoders."
+    if not isinstance(enc, TimmImageEncoder): return None
+    return 'face_embedding' if isinstance(enc.proj, nn.Sequential) else 'linear'
 
 # %% ../nbs/05_encoders.ipynb #63189325
 def weights_fingerprint(module: nn.Module) -> str:

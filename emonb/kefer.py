@@ -25,16 +25,16 @@ from .core import LabelSet, label_set, war_metric, uar_metric, prepare_output_di
 from .data import image_dataloaders, split_dataloader, train_val_rows, target_block, normalization, load_image
 from .prompts import kefer_prompts, KEFER_DEFAULT
 from .encoders import ClipEncoder, TimmImageEncoder, HFTextEncoder
+from .encoders import ENCODER_HEADS, RESNET_STEMS, face_embedding_head, resnet_encoder, encoder_head
 from .losses import cosine_logits, KeferLoss, KEFER_LOSS_VARIANTS
 from .learner import TrainConfig, make_learner, fit, load_best
 from .evaluate import write_report
 
 # %% auto #0
-__all__ = ['KEFER_OFFICIAL_TEMPLATE', 'KEFER_OFFICIAL_AUGMENT', 'KEFER_VARIANTS', 'KEFER_HEADS', 'RESNET_STEMS',
-           'KEFER_BATCH_SIZE', 'KEFER_LR_STEPS', 'kefer_variant', 'kefer_texts', 'clip_temperature', 'text_prototypes',
-           'face_embedding_head', 'resnet_encoder', 'encoder_head', 'ClipImageTower', 'KeferModel', 'KeferLogits',
-           'Float32Loss', 'kefer_config', 'kefer_official_lr', 'EpochwiseLR', 'lr_step_callbacks', 'PadRandomCrop',
-           'TorchFlip', 'erasing_box', 'ZeroErasing', 'kefer_official_transforms', 'kefer_dataloaders',
+__all__ = ['KEFER_OFFICIAL_TEMPLATE', 'KEFER_OFFICIAL_AUGMENT', 'KEFER_VARIANTS', 'KEFER_BATCH_SIZE', 'KEFER_LR_STEPS',
+           'kefer_variant', 'kefer_texts', 'clip_temperature', 'text_prototypes', 'ClipImageTower', 'KeferModel',
+           'KeferLogits', 'Float32Loss', 'kefer_config', 'kefer_official_lr', 'EpochwiseLR', 'lr_step_callbacks',
+           'PadRandomCrop', 'TorchFlip', 'erasing_box', 'ZeroErasing', 'kefer_official_transforms', 'kefer_dataloaders',
            'predict_scores', 'train_kefer', 'train_classifier', 'fer2013_subset']
 
 # %% ../nbs/10_kefer.ipynb #a286072b
@@ -80,36 +80,6 @@ def text_prototypes(labels, text_encoder, template: str | int | None = None, wor
     e = e if e.dtype == torch.float64 else e.float()
     if e.ndim != 2 or len(e) != len(texts): raise ValueError(f"the text encoder returned shape {tuple(e.shape)} for {len(texts)} prompts")
     return F.normalize(e, dim=-1) if normalize else e
-
-# %% ../nbs/10_kefer.ipynb #0757c082
-KEFER_HEADS = ('linear', 'face_embedding')
-
-def face_embedding_head(in_dim: int, out_dim: int) -> nn.Sequential:
-    "Linear(in, in, no bias) -> BatchNorm1d -> Linear(in, out, no bias) -> BatchNorm1d (eps 2e-5): the embedding head of the official code's face-recognition Swin-T."
-    return nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim, eps=2e-5),
-                         nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, eps=2e-5))
-
-RESNET_STEMS = ('imagenet', 'cifar', 'small')
-
-def resnet_encoder(arch: str = 'resnet18', embed_dim: int = 384, in_chans: int = 3, stem: str = 'imagenet',
-                   weights=None, head: str = 'linear', **kw) -> TimmImageEncoder:
-    "A timm ResNet + a projection to `embed_dim` (`head`: 'linear' or 'face_embedding'); `stem='cifar'`: a 3x3 stride-1 first conv and no max-pool (small images); `stem='small'`: the stride-2 first conv without the max-pool (small images on a CPU)."
-    if stem not in RESNET_STEMS: raise ValueError(f"stem must be one of {RESNET_STEMS}, got {stem!r}")
-    if head not in KEFER_HEADS: raise ValueError(f"head must be one of {KEFER_HEADS}, got {head!r}")
-    enc = TimmImageEncoder(arch, embed_dim=embed_dim, weights=weights, in_chans=in_chans, **kw)
-    if head == 'face_embedding': enc.proj = face_embedding_head(enc.backbone.num_features, embed_dim)
-    if stem in ('cifar', 'small'):
-        b = enc.backbone
-        if not (isinstance(getattr(b, 'conv1', None), nn.Conv2d) and hasattr(b, 'maxpool')):
-            raise ValueError(f"stem={stem!r} needs a timm ResNet with a single conv1 and a maxpool; {arch!r} has none")
-        if stem == 'cifar': b.conv1 = nn.Conv2d(in_chans, b.conv1.out_channels, 3, 1, 1, bias=False)
-        b.maxpool = nn.Identity()
-    return enc
-
-def encoder_head(enc) -> str | None:
-    "'face_embedding' or 'linear' for a `TimmImageEncoder` (its projection), None for other encoders."
-    if not isinstance(enc, TimmImageEncoder): return None
-    return 'face_embedding' if isinstance(enc.proj, nn.Sequential) else 'linear'
 
 # %% ../nbs/10_kefer.ipynb #b247257a
 class ClipImageTower(nn.Module):

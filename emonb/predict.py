@@ -13,26 +13,13 @@ import torch
 from torch import nn
 import safetensors, safetensors.torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 import emonb
-from .core import LabelSet, LEVELS, label_set, canonical_name, emonb_home, atomic_write_bytes, atomic_write_text, atomic_write_json, image_to_8bit
+from .core import IMAGE_EXTS, LabelSet, LEVELS, label_set, canonical_name, emonb_home, atomic_write_bytes, atomic_write_text, atomic_write_json, image_to_8bit
 from .crops import (face_detector, person_detector, YuNetDetector, packaged_file, as_detections, crop_box, body_from_face, box_cover, box_area,
                          CropParams, ImageReadError, MODEL_SUFFIXES)
-from .data import (IMAGE_EXTS, NORMALIZATION_PRESETS, read_emotion_folders, read_fer2013, read_rafdb, read_caer_s, read_fedro, read_ferplus,
-                        read_affectnet)
-from .evaluate import write_report, evaluate_predictions, cross_dataset_scores
-from .prompts import class_names, EXPCLIP_PROMPT_SETS
-from .encoders import ClipEncoder, default_device, config_activation
-from .kefer import KeferModel, ClipImageTower, resnet_encoder
-from .baselines import ClipClassifier, zero_shot_logits
-from fastai.vision.models.xresnet import XResNet, ResBlock
-from .worldclip import world_clip_encoder, world_clip_path, WORLD_CLIP
 from .crops import face_from_body
-from .data import tsn_indices, parse_box, LevelCrop
-from .mlper import MLPER, mlper_texts
-from .cocoer import CocoER
-from .dferclip import DFERCLIP
+# the methods' modules (fastai, open_clip, timm, matplotlib) are imported where they are used: `emonb predict` with the
+# shipped model loads only what it runs
 
 # %% auto #0
 __all__ = ['BUNDLE_KEY', 'BUNDLE_VERSION', 'OUTPUTS', 'METHODS', 'INTERPOLATIONS', 'CROP_RULES', 'KNOWN_WEIGHTS',
@@ -104,17 +91,23 @@ def _quiet_random_init():
 
 def random_clip(name: str) -> ClipEncoder:
     "A `ClipEncoder` of open_clip config `name` with random weights (to be replaced by a bundle's)."
+    from emonb.encoders import ClipEncoder
     with _quiet_random_init(): return ClipEncoder.from_pretrained(name, pretrained=None)
 
 def build_visual(visual: dict) -> nn.Module:
     "A visual encoder from its description: `{'kind': 'timm', **resnet_encoder kwargs}` or `{'kind': 'clip', 'name': config}`."
     v = dict(visual); kind = v.pop('kind', None)
-    if kind == 'timm': return resnet_encoder(**v)
-    if kind == 'clip': return ClipImageTower(random_clip(v['name']))
+    if kind == 'timm':
+        from emonb.encoders import resnet_encoder
+        return resnet_encoder(**v)
+    if kind == 'clip':
+        from emonb.kefer import ClipImageTower
+        return ClipImageTower(random_clip(v['name']))
     raise ValueError(f"visual encoder kind must be 'timm' or 'clip', got {kind!r} in {visual}")
 
 def _build_kefer(visual: dict, n_classes: int, dim: int, neutral_index=None, hidden: int = 128, tau: float = 0.01,
                  variant: str = 'official') -> KeferModel:
+    from emonb.kefer import KeferModel
     return KeferModel(build_visual(visual), torch.zeros(n_classes, dim), neutral_index, hidden=hidden, tau=tau, variant=variant)
 
 def _build_classifier(visual: dict, n_classes: int) -> nn.Module:
@@ -124,10 +117,15 @@ def _build_classifier(visual: dict, n_classes: int) -> nn.Module:
 
 register_method('kefer', _build_kefer, doc='emonb.kefer.KeferModel: cosine logits with frozen text prototypes')
 register_method('classifier', _build_classifier, doc='emonb.kefer.train_classifier: visual encoder + linear head')
-register_method('clip_classifier', lambda clip, n_classes: ClipClassifier(random_clip(clip), n_classes),
+def _build_clip_classifier(clip: dict, n_classes: int) -> nn.Module:
+    from emonb.baselines import ClipClassifier
+    return ClipClassifier(random_clip(clip), n_classes)
+
+register_method('clip_classifier', _build_clip_classifier,
                 doc='emonb.baselines.ClipClassifier: CLIP image tower + linear head on normalised features')
 def quickstart_network(c_in: int = 1, n_out: int = 7, widen: float = 0.5) -> nn.Module:
     "The quickstart classifier: fastai's XResNet, one residual block per stage (= emonb.quickstart.small_xresnet, notebook 19)."
+    from fastai.vision.models.xresnet import ResBlock, XResNet
     return XResNet(ResBlock, 1, [1, 1, 1, 1], c_in=c_in, n_out=n_out, widen=widen)
 
 _ = register_method('quickstart', quickstart_network, doc='emonb.quickstart.small_xresnet: the quickstart classifier')
@@ -135,6 +133,8 @@ _ = register_method('quickstart', quickstart_network, doc='emonb.quickstart.smal
 # %% ../nbs/16_predict.ipynb #03e0d67a
 def clip_source(clip, weights=None, in_bundle: bool = True) -> dict:
     "The `arch['clip']` of a bundle: the open_clip config of `clip` (a ClipEncoder or a name), its activation, where its pretrained weights are ('world' or a file), whether the bundle holds them."
+    from emonb.encoders import ClipEncoder, config_activation
+    from emonb.worldclip import WORLD_CLIP
     name = clip.name if isinstance(clip, ClipEncoder) else str(clip)
     activation = clip.activation if isinstance(clip, ClipEncoder) else config_activation(name)
     if not name: raise ValueError("the ClipEncoder has no name (its open_clip config): pass clip_source('ViT-B-16', ...)")
@@ -145,6 +145,8 @@ def clip_source(clip, weights=None, in_bundle: bool = True) -> dict:
 
 def load_clip_source(clip: dict, device='cpu') -> ClipEncoder:
     "The pretrained CLIP a bundle names (`arch['clip']`), from local files only; the error names the exact file missing."
+    from emonb.encoders import ClipEncoder, config_activation
+    from emonb.worldclip import world_clip_encoder, world_clip_path
     name, w = clip['name'], clip.get('weights')
     if w == 'world':
         f = world_clip_path()
@@ -165,14 +167,17 @@ def build_clip(clip: dict) -> ClipEncoder:
     return random_clip(clip['name']) if clip.get('in_bundle', True) else load_clip_source(clip)
 
 def _build_mlper(clip: dict, texts: dict, **kw) -> MLPER:
+    from emonb.mlper import MLPER
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')   # MLPER warns about prompts longer than the CLIP's context (the trainer warned already)
         return MLPER(build_clip(clip), texts, **kw)
 
 def _build_cocoer(clip: dict, labels: str, multi_label: bool = False, **kw) -> CocoER:
+    from emonb.cocoer import CocoER
     return CocoER(build_clip(clip), labels, multi_label, **kw)
 
 def _build_dferclip(clip: dict, texts: list, n_frames: int = 16, **kw) -> DFERCLIP:
+    from emonb.dferclip import DFERCLIP
     return DFERCLIP(build_clip(clip), texts, n_frames=n_frames, **kw)
 
 register_method('mlper', _build_mlper, lambda m, x: m.predict(x['face'], x['body'], x['context']), levels=LEVELS,
@@ -198,6 +203,7 @@ def input_spec(size: int, mode: str = 'RGB', normalize='imagenet', resize: str =
                face_margin: float = 0.2, crops: str = 'margin', context: str = 'whole', level_sizes: dict | None = None,
                n_frames: int | None = None, pad: str = 'last') -> dict:
     "The `input` of a bundle header: `normalize` is 'none', 'imagenet', 'clip' (emonb.data presets) or (mean, std)."
+    from emonb.data import NORMALIZATION_PRESETS
     if not isinstance(size, int) or size < 8: raise ValueError(f"input size must be an integer >= 8, got {size!r}")
     if crops not in CROP_RULES: raise ValueError(f"crops must be one of {CROP_RULES}, got {crops!r}")
     if context not in ('whole', 'masked'): raise ValueError(f"context must be 'whole' or 'masked', got {context!r}")
@@ -331,6 +337,7 @@ class Bundle:
     header: dict = field(repr=False, default_factory=dict)
 
 def _as_label_set(labels) -> LabelSet:
+    from emonb.prompts import class_names
     if isinstance(labels, LabelSet): return labels
     if isinstance(labels, str) and ',' not in labels:
         try: return label_set(labels)
@@ -685,6 +692,7 @@ class Predictor:
 
 def prompt_templates(prompts) -> tuple:
     "Templates of a prompt set: a name in EXPCLIP_PROMPT_SETS, one template, or a list of templates."
+    from emonb.prompts import EXPCLIP_PROMPT_SETS
     if isinstance(prompts, str):
         if prompts in EXPCLIP_PROMPT_SETS: return tuple(EXPCLIP_PROMPT_SETS[prompts])
         if '{' in prompts or '[' in prompts: return (prompts,)
@@ -712,6 +720,7 @@ class ZeroShotPredictor(Predictor):
 
     @torch.no_grad()
     def probabilities(self, encoded):
+        from emonb.baselines import zero_shot_logits
         if not len(encoded): return np.zeros((0, len(self.labels)), np.float32)
         z = zero_shot_logits(self.clip, encoded.to(self.device), self.labels, self.templates, self.ensemble, self.scale)
         return z.float().softmax(-1).cpu().numpy()
@@ -747,6 +756,7 @@ class BundlePredictor(Predictor):
 
 def resolve_device(device='auto') -> torch.device:
     "'auto' -> CUDA when available, else CPU; anything else as torch.device."
+    from emonb.encoders import default_device
     return torch.device(default_device() if device in (None, 'auto') else device)
 
 FER2013_MODEL = 'emonb_fer2013_resnet18s.safetensors'
@@ -776,11 +786,13 @@ def make_predictor(method='default', weights=None, labels=None, device='auto', c
                                  "(e.g. clip_model='ViT-B-16'); without both, the synthetic world's CLIP shipped with emonb is used")
             warnings.warn("zero-shot with the synthetic world's CLIP: it knows only the synthetic world and is at chance on real photos; "
                           "for real faces use the default model (method='default') or a real CLIP (clip_model=, weights=)", WorldModelWarning)
+            from emonb.worldclip import world_clip_encoder
             clip = world_clip_encoder(dev)
         else:
             if weights is None:
                 raise ValueError(f"method='zeroshot' with clip_model={clip_model!r} needs weights=: a local weights file, or an open_clip "
                                  f"tag already in the local cache (a CLIP with random weights would predict nothing)")
+            from emonb.encoders import ClipEncoder
             clip = ClipEncoder.from_pretrained(clip_model, weights, device=dev, activation=clip_activation)
         return ZeroShotPredictor(clip, labels if labels is not None else 'basic7', prompts, ensemble, device=dev)
     if method != 'bundle' and method not in METHODS:
@@ -1056,6 +1068,7 @@ def predict_clips(src, method='bundle', weights=None, detector='face', device='a
                   frame_step: int = 1, window: int | None = None, stride: int | None = None, save_csv=None, no_face: str = 'row',
                   on_error: str = 'raise', overwrite: bool = False, face_margin: float | None = None, clip_weights=None) -> pd.DataFrame:
     "A video method (DFER-CLIP bundle) on streams of frames: the main face per frame, clips of `n_frames` per window; one row per window."
+    from emonb.data import tsn_indices
     _check_run_options(batch_size, frame_step, no_face, on_error, save_csv, overwrite)
     predictor = make_predictor(method, weights, None, device, clip_weights=clip_weights)
     if not predictor.video: raise ValueError(f"{predictor.name} is not a video method: use predict()")
@@ -1154,6 +1167,8 @@ def _class_columns(df) -> list:
 
 def plot_predictions(image, rows: pd.DataFrame, path=None, ax=None, title: str | None = None, figsize=None) -> Figure:
     "Draw the boxes and top classes of one frame's rows on `image`; save to `path` (png, pdf, ...) if given."
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
     if len(rows) and rows[['file', 'frame']].drop_duplicates().shape[0] > 1:
         raise ValueError(f"rows of {rows[['file', 'frame']].drop_duplicates().shape[0]} frames given: pass the rows of one frame "
                          f"(frame_rows(df, file, frame))")
@@ -1241,6 +1256,7 @@ def labels_of_classes(classes) -> LabelSet:
     return LabelSet('custom', names)
 
 def _run_clip(r: dict, clip, in_bundle: bool) -> dict:
+    from emonb.encoders import ClipEncoder
     if isinstance(clip, dict): return {**clip, 'in_bundle': in_bundle}
     if isinstance(clip, ClipEncoder): return clip_source(clip, None, in_bundle)
     name = r.get('clip')
@@ -1248,6 +1264,7 @@ def _run_clip(r: dict, clip, in_bundle: bool) -> dict:
     return clip_source(name, clip, in_bundle)   # clip: None or the local weights file of the run's CLIP
 
 def _clip_prefixes(model: nn.Module) -> list:
+    from emonb.encoders import ClipEncoder
     return [n + '.model.' for n, m in model.named_modules() if isinstance(m, ClipEncoder)]
 
 def unchanged_clip_keys(model: nn.Module, clip: dict) -> list:
@@ -1270,6 +1287,7 @@ def _timm_or_clip_visual(r: dict) -> dict:
 
 def run_arch(r: dict, sd: dict, labels: LabelSet, clip=None, clip_in_bundle: bool = True, **overrides) -> tuple:
     "(method, arch, input, output) that rebuild and feed the network of a training run's `metrics.json` `run` record `r` (checkpoint `sd`)."
+    from emonb.mlper import mlper_texts
     method = r.get('method')
     if method not in RUN_METHODS:
         raise ValueError(f"cannot make a bundle of a {method!r} run: bundles are made of runs of {', '.join(RUN_METHODS)}"
@@ -1338,9 +1356,18 @@ def bundle_from_run(run, path=None, checkpoint: str = 'auto', clip=None, clip_in
                        external_keys=external)
 
 # %% ../nbs/16_predict.ipynb #deb87a91
-DATASET_READERS = {'fer2013': read_fer2013, 'rafdb': read_rafdb, 'caer_s': read_caer_s, 'fedro': read_fedro,
-                   'ferplus': read_ferplus, 'affectnet7': lambda root: read_affectnet(root, 7),
-                   'affectnet8': lambda root: read_affectnet(root, 8), 'folders': read_emotion_folders}
+def _reader(name: str, *args):
+    "The reader `emonb.data.<name>` (with `args` after the root), imported when it is called: emonb.data loads fastai."
+    def read(root, **kw):
+        import emonb.data
+        return getattr(emonb.data, name)(root, *args, **kw)
+    read.__name__ = read.__qualname__ = name if not args else f"{name}{args}"
+    read.__doc__ = f"emonb.data.{name}(root{''.join(f', {a!r}' for a in args)}, **kw)"
+    return read
+
+DATASET_READERS = {'fer2013': _reader('read_fer2013'), 'rafdb': _reader('read_rafdb'), 'caer_s': _reader('read_caer_s'),
+                   'fedro': _reader('read_fedro'), 'ferplus': _reader('read_ferplus'), 'affectnet7': _reader('read_affectnet', 7),
+                   'affectnet8': _reader('read_affectnet', 8), 'folders': _reader('read_emotion_folders')}
 
 def read_dataset(name: str, root) -> pd.DataFrame:
     "The sample table of dataset `name` (a key of `DATASET_READERS`) at `root`."
@@ -1353,6 +1380,7 @@ def evaluate_dataset(df: pd.DataFrame, method='zeroshot', weights=None, split: s
                      progress: bool = False, overwrite: bool = False, subsets: dict | None = None, unknown: str = 'raise',
                      clip_activation: str | None = None, missing: str = 'raise') -> dict:
     "WAR / UAR (and a report folder `out`) of a zero-shot CLIP or a trained bundle on the `split` rows of a single-label sample table; `subsets` adds WAR / UAR per robustness subset; `missing='zero'` scores test classes the model lacks as never predicted (and `run.shared_classes` has WAR / UAR on the classes both have)."
+    from emonb.evaluate import cross_dataset_scores, evaluate_predictions, write_report
     from emonb.evaluate import resolve_subsets, subset_metrics, subsets_json
     if 'split' not in df or 'label' not in df or 'path' not in df:
         raise ValueError("evaluate_dataset needs a sample table with path, label and split columns (an emonb.data reader's output)")
