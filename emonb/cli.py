@@ -460,16 +460,9 @@ def _check_out(args):
             if Path(p).expanduser().resolve() == Path(out).expanduser().resolve(): raise ValueError(f"--out {out} is an input of this command: choose another file")
         return
     check_output_disjoint(out, inputs)
-    from emonb.core import output_manifest
-    p = Path(out)
-    if p.is_dir() and any(p.iterdir()) and not getattr(args, 'resume', False):   # refused now rather than after the work
-        if not getattr(args, 'overwrite', False):
-            raise FileExistsError(f"output folder {out} already exists and is not empty; choose another folder"
-                                  + (" or pass --overwrite to replace what emonb wrote there" if output_manifest(p) is not None else
-                                     " (emonb did not create it, so --overwrite would not clear it either)"))
-        if output_manifest(p) is None:
-            raise FileExistsError(f"refusing to overwrite {out}: emonb did not create it, and emonb only clears folders it created; "
-                                  f"choose a new or empty output folder")
+    if not getattr(args, 'resume', False):   # what prepare_output_dir would refuse, refused now rather than after the work
+        from emonb.core import check_output_dir
+        check_output_dir(out, getattr(args, 'overwrite', False))
 
 def _record_out(args):
     "After a command: record in its output folder's manifest what emonb wrote there (what a later --overwrite may remove)."

@@ -17,8 +17,9 @@ __all__ = ['ADJECTIVES', 'SYNONYMS', 'EMOTIONS', 'LEVELS', 'LABEL_SETS', 'IMAGE_
            'map_labels', 'table_schema', 'confusion_matrix', 'per_class_recall', 'war', 'uar',
            'average_precision_per_class', 'mean_average_precision', 'war_metric', 'uar_metric', 'map_metric',
            'check_variant', 'is_main_process', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
-           'output_manifest', 'prepare_output_dir', 'record_outputs', 'records_outputs', 'resuming_runs',
-           'resume_requested', 'check_output_disjoint', 'emonb_home', 'image_to_8bit', 'eight_bit_rule']
+           'output_manifest', 'check_output_dir', 'prepare_output_dir', 'record_outputs', 'records_outputs',
+           'resuming_runs', 'resume_requested', 'check_output_disjoint', 'emonb_home', 'image_to_8bit',
+           'eight_bit_rule']
 
 # %% ../nbs/00_core.ipynb #ad084668
 ADJECTIVES = {
@@ -381,25 +382,32 @@ def _record_in_parent(path: Path, first_existing: Path):
     if parent is None: return
     record_outputs(first_existing, [path.relative_to(first_existing).parts[0]])
 
+def check_output_dir(path, overwrite: bool = False) -> tuple:
+    "(manifest or None, emonb-visible entries) of the output folder `path`, after refusing what `prepare_output_dir` would: a file, a non-empty folder without `overwrite`, or with it one emonb did not create. Changes nothing."
+    path = Path(path)
+    if path.exists() and not path.is_dir(): raise NotADirectoryError(f"output path {path} exists and is not a folder")
+    if not path.exists(): return None, []
+    m, found = output_manifest(path), _entries(path)
+    if found and not overwrite:
+        raise FileExistsError(f"output folder {path} already exists and is not empty ({_n_entries(len(found))}); choose another folder"
+                              + (" or pass overwrite=True (--overwrite) to replace what emonb wrote there" if m is not None else
+                                 " (emonb did not create it, so overwrite=True would not clear it either)"))
+    if found and m is None:
+        raise FileExistsError(f"refusing to overwrite {path}: it holds {_n_entries(len(found))} ({_listing([c.name for c in found])}) "
+                              f"and emonb did not create it (no {OUTPUT_MARKER}); emonb only clears folders it created. "
+                              f"Choose a new or empty output folder, or move its contents away yourself")
+    return m, found
+
 def prepare_output_dir(path, overwrite: bool = False) -> Path:
     "Create or claim the output folder `path` (marked with `OUTPUT_MARKER`); a non-empty one is refused unless `overwrite`, which removes only what emonb recorded there, and only in a folder emonb marked."
     path = Path(path)
     if not is_main_process():   # torchrun / accelerate: rank 0 owns the folder; the others only make sure it exists
         path.mkdir(parents=True, exist_ok=True); return path
-    if path.exists() and not path.is_dir(): raise NotADirectoryError(f"output path {path} exists and is not a folder")
-    if _RESUMING.get() and path.exists() and output_manifest(path) is not None:   # resuming: keep what the stopped run wrote
+    if _RESUMING.get() and path.is_dir() and output_manifest(path) is not None:   # resuming: keep what the stopped run wrote
         _remove_stale_tmp(path); _claimed.add(path.resolve()); return path
-    created, m, kept = not path.exists(), None, []
+    m, found = check_output_dir(path, overwrite)
+    created, kept = not path.exists(), []
     if not created:
-        m, found = output_manifest(path), _entries(path)
-        if found and not overwrite:
-            raise FileExistsError(f"output folder {path} already exists and is not empty ({_n_entries(len(found))}); choose another folder"
-                                  + (" or pass overwrite=True (--overwrite) to replace what emonb wrote there" if m is not None else
-                                     " (emonb did not create it, so overwrite=True would not clear it either)"))
-        if found and m is None:
-            raise FileExistsError(f"refusing to overwrite {path}: it holds {_n_entries(len(found))} ({_listing([c.name for c in found])}) "
-                                  f"and emonb did not create it (no {OUTPUT_MARKER}); emonb only clears folders it created. "
-                                  f"Choose a new or empty output folder, or move its contents away yourself")
         if found: kept = _clear_recorded(path, found, set(m['entries']))
         for c in path.iterdir():
             if _tmp_target(c.name) == OUTPUT_MARKER: c.unlink()   # a manifest write that was interrupted

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import (label_set, war, uar, atomic_write_bytes, prepare_output_dir, record_outputs, atomic_write_json, VARIANTS, records_outputs,
+from .core import (label_set, war, uar, atomic_write_bytes, prepare_output_dir, atomic_write_json, VARIANTS, records_outputs,
                         check_variant, image_to_8bit)
 from .synth import SyntheticWorld, Scene, describe_face, compose_caption
 from .prompts import expclip_prompts, EXPCLIP_INSTRUCTIONS
@@ -619,7 +619,6 @@ def fit_expclip(clip: ClipEncoder, teacher: Teacher, paths, out, config: TrainCo
                 n_images=len(paths), bs=bs, recipe=asdict(config), **epoch_losses(learn), projection=str(out/'projection.safetensors'))
     save_projection(learn.model, out/'projection.safetensors', info)
     atomic_write_json(out/'expclip.json', info)
-    record_outputs(out)   # so that overwrite=True removes exactly what this run wrote
     return info
 
 @records_outputs('out')
@@ -651,5 +650,4 @@ def evaluate_expclip(clip: ClipEncoder, projection: ExpCLIPProjection, df: pd.Da
                 write_report(out/f"{name.lower()}-{k}", y, scores, ls, items=list(df['path']), overwrite=overwrite,
                              run=dict(method=name, prompts=k, **run))
         atomic_write_bytes(out/'summary.csv', table.to_csv().encode())
-        record_outputs(out)
     return table
