@@ -24,6 +24,7 @@ def text_prototypes(clip: ClipEncoder, labels, templates) -> torch.Tensor:
     templates = [templates] if isinstance(templates, str) else list(templates)
     return torch.stack([clip.encode_text([fill_template(t, n) for n in names]) for t in templates])
 
+# %% ../nbs/15_baselines.ipynb #ca712f4c
 @torch.no_grad()
 def zero_shot_logits(clip: ClipEncoder, image_features: torch.Tensor, labels, templates, ensemble: str = 'logits',
                      scale: float = 100.) -> torch.Tensor:
@@ -61,10 +62,12 @@ class ClipClassifier(nn.Module):
             with torch.no_grad(): self.head.weight.copy_(scale * F.normalize(init_from, dim=-1)); self.head.bias.zero_()
     def forward(self, x): return self.head(F.normalize(self.visual(x), dim=-1))
 
+# %% ../nbs/15_baselines.ipynb #4c9cd844
 def clip_classifier_splitter(m: ClipClassifier) -> list:
     "Two parameter groups: the image encoder, the head."
     return [list(m.visual.parameters()), list(m.head.parameters())]
 
+# %% ../nbs/15_baselines.ipynb #48cfba7f
 class CoOpClassifier(nn.Module):
     "Frozen CLIP, learnable context before each class name (CoOp); logits cos(image, prompt_k)/tau."
     def __init__(self, clip: ClipEncoder, labels, n_ctx: int = 16, class_specific: bool = False, tau: float = 0.01,

@@ -24,23 +24,27 @@ def repo_root() -> Path:
     import emonb
     return Path(emonb.__file__).resolve().parent.parent
 
+# %% ../nbs/21_benchmarks.ipynb #60078c79
 def benchmark_dir(folder=None) -> Path:
     "The folder of the result files: `folder`, or the checkout's `benchmarks/`."
     p = Path(folder) if folder is not None else repo_root()/'benchmarks'
     if not p.is_dir(): raise FileNotFoundError(f"no benchmark folder {p}: pass folder= (a folder of <script>-<device>-<date>.json files)")
     return p
 
+# %% ../nbs/21_benchmarks.ipynb #8363cfe0
 def device_slug(device: str) -> str:
     "A short device name for file names: 'NVIDIA H200' -> 'h200', 'NVIDIA H100 80GB HBM3' -> 'h100', 'cpu' -> 'cpu'."
     d = str(device or 'unknown')
     m = re.search(r'\b([A-Z]{1,2}\d{2,4}[A-Za-z]?)\b', d.replace('NVIDIA', ''))
     return m.group(1).lower() if m else (re.sub(r'[^a-z0-9]+', '_', d.lower()).strip('_') or 'unknown')
 
+# %% ../nbs/21_benchmarks.ipynb #7b9a4d76
 def result_name(script: str, device: str, date=None) -> str:
     "`<script>-<device>-<date>.json` (date: today by default)."
     if not re.fullmatch(r'[A-Za-z0-9_]+', script): raise ValueError(f"script name {script!r} may hold only letters, digits and _")
     return f"{script}-{device_slug(device)}-{date or _date.today().isoformat()}.json"
 
+# %% ../nbs/21_benchmarks.ipynb #c0efe0a2
 def parse_result_name(name) -> dict:
     "{'script', 'device', 'date'} of a result file name; a clear error for any other name."
     m = RESULT_NAME.match(Path(name).name)
@@ -57,6 +61,7 @@ def _images_per_step(method: str, block: dict) -> int:
     if method == 'mlper': return bs * block.get('crops', 3)
     return bs
 
+# %% ../nbs/21_benchmarks.ipynb #8acf5e55
 def _step_rows(data: dict) -> list:
     rows = []
     for key, method in _METHODS.items():
@@ -74,12 +79,14 @@ def _step_rows(data: dict) -> list:
                              stored_speedup=r.get('speedup_vs_fp32', np.nan), error=r.get('error')))
     return rows
 
+# %% ../nbs/21_benchmarks.ipynb #4aaa3659
 def _expclip_rows(data: dict) -> list:
     e = data.get('expclip')
     if not isinstance(e, dict): return []
     return [dict(pairs=e['pairs'], d_clip=e.get('d_clip'), d_teacher=e.get('d_teacher'), epochs=e.get('epochs'),
                  first_epoch_s=e['first_epoch_s'], later_epoch_s=e.get('later_epoch_s'), total_s=e.get('total_s'))]
 
+# %% ../nbs/21_benchmarks.ipynb #fa9aa468
 def _cocoer_rows(data: dict) -> list:
     ms = data.get('ms_per_step')
     if not (isinstance(ms, dict) and 'none' in ms): return []
@@ -89,6 +96,7 @@ def _cocoer_rows(data: dict) -> list:
                    arch=(data.get('model') or {}).get('arch'), official=data.get('official'))
     return [dict(setting, mode=k, ms_per_step=v, overhead=v / ms['none'] - 1) for k, v in ms.items()]
 
+# %% ../nbs/21_benchmarks.ipynb #4946108d
 def _pipeline_rows(data: dict) -> list:
     rows = data.get('rows')
     if not (isinstance(rows, dict) and ('cache' in rows or 'jpeg' in rows)): return []
@@ -96,10 +104,12 @@ def _pipeline_rows(data: dict) -> list:
     return [dict(setting, loader=loader, stage=stage, frames_per_s=v.get('frames_per_s'), mb_per_s=v.get('mb_per_s'),
                  ms_per_step=v.get('ms_per_step')) for loader, stages in rows.items() for stage, v in stages.items()]
 
+# %% ../nbs/21_benchmarks.ipynb #d59cfcd6
 def result_device(data: dict) -> str:
     "The device a result was measured on, as the script recorded it (a GPU's name, or 'cpu')."
     return data.get('gpu') or data.get('device') or 'unknown'
 
+# %% ../nbs/21_benchmarks.ipynb #827fdbbd
 def result_tables(data: dict, file: str = '', device: str = None, date: str = None) -> dict:
     "Tables {kind: DataFrame} of one result (kinds in `KINDS`; only the kinds it holds); every row says its file, device and date."
     if not isinstance(data, dict): raise ValueError(f"{file or 'result'}: a benchmark result must be a JSON object, got {type(data).__name__}")
@@ -143,6 +153,7 @@ class Target:
         if value is None or (isinstance(value, float) and math.isnan(value)): return None
         return dict(zip(('>=', '<=', '<'), (value >= self.threshold, value <= self.threshold, value < self.threshold)))[self.op]
 
+# %% ../nbs/21_benchmarks.ipynb #2ac5797e
 TARGETS = {'dferclip_speedup': Target('DFER-CLIP ViT-B/32 48x16: emonb defaults vs fp32 recipe', '>=', 5., 'x'),
            'pipeline_keeps_up': Target('DFER-CLIP input pipeline keeps up (frames/s delivered / consumed)', '>=', 1., 'x'),
            'cocoer_overhead': Target('CocoER workspace overhead per training step', '<=', 0.10, '%'),
@@ -150,6 +161,7 @@ TARGETS = {'dferclip_speedup': Target('DFER-CLIP ViT-B/32 48x16: emonb defaults 
 
 def _gpu(df): return df[df.device != 'cpu'] if len(df) else df
 
+# %% ../nbs/21_benchmarks.ipynb #4a124466
 def _measure_dferclip(t):
     s = _gpu(t['steps'])
     if s.empty: return []
@@ -160,6 +172,7 @@ def _measure_dferclip(t):
         if len(best): out.append((f, f"best variant {best.variant.iloc[0]}", best.speedup_vs_fp32.iloc[0]))
     return out
 
+# %% ../nbs/21_benchmarks.ipynb #57f68d9d
 def _measure_pipeline(t):
     p = _gpu(t['pipeline'])
     if p.empty: return []
@@ -172,18 +185,21 @@ def _measure_pipeline(t):
                         give.frames_per_s.iloc[0] / eat.iloc[0]))
     return out
 
+# %% ../nbs/21_benchmarks.ipynb #9f27201c
 def _measure_cocoer(t):
     c = t['cocoer']
     if c.empty: return []
     c = c[(c['mode'] == 'closed_form') & (c.batch == 64) & (c['size'].astype(str) == '224')]
     return [(r.file, f"{r.dataset}, {r.precision}, {r.arch}", r.overhead) for r in c.itertuples()]
 
+# %% ../nbs/21_benchmarks.ipynb #e57eb814
 def _measure_expclip(t):
     e = t['expclip']
     if e.empty: return []
     e = e[e.pairs >= 45_000]
     return [(r.file, f"{r.pairs:,} pairs", pd.Series([r.first_epoch_s, r.later_epoch_s], dtype=float).max()) for r in e.itertuples()]
 
+# %% ../nbs/21_benchmarks.ipynb #1a9366cd
 _MEASURES = dict(dferclip_speedup=_measure_dferclip, pipeline_keeps_up=_measure_pipeline, cocoer_overhead=_measure_cocoer,
                  expclip_epoch=_measure_expclip)
 
@@ -201,10 +217,12 @@ def check_targets(tables: dict, targets: dict = None) -> pd.DataFrame:
                              unit=tgt.unit, met=tgt.met(float(v)), file=f))
     return pd.DataFrame(rows)
 
+# %% ../nbs/21_benchmarks.ipynb #d8521ff4
 def _fmt(v, unit) -> str:
     if pd.isna(v): return '-'
     return f"{100 * v:+.1f}%" if unit == '%' else f"{v:.2f}{' s' if unit == 's' else unit}"
 
+# %% ../nbs/21_benchmarks.ipynb #c9f0d583
 def format_targets(checks: pd.DataFrame) -> str:
     "The target table as text: target | setting | measured | target | met?"
     show = pd.DataFrame({'target': checks.target, 'setting': checks.setting,
@@ -231,6 +249,7 @@ def load_script(name: str, root=None):
     if not hasattr(mod, 'main'): raise AttributeError(f"{p} has no main(argv) function")
     return mod
 
+# %% ../nbs/21_benchmarks.ipynb #a51ff47c
 def run_script(name: str, *args, threads: int = None, save: bool = False, folder=None, tag: str = '', root=None) -> dict:
     "Run `scripts/<name>.py <args> --json TMP` in this process and return its result (`threads`: torch CPU threads meanwhile); `save`: also write `<name>[_tag]-<device>-<date>.json` into `folder`."
     import torch

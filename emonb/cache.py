@@ -31,19 +31,24 @@ MANIFEST = 'manifest.json'
 
 class CacheError(ValueError):
     "A cache folder cannot be used (not a cache, damaged, or built with other settings)."
+
+# %% ../nbs/04a_cache.ipynb #d31b114a
 class StaleCacheError(CacheError):
     "A cache folder was built from other data or settings than the ones asked for."
 
+# %% ../nbs/04a_cache.ipynb #992c379d
 def _hash(lines) -> str:
     h = hashlib.sha256()
     for l in lines: h.update(str(l).encode('utf-8')); h.update(b'\n')
     return h.hexdigest()
 
+# %% ../nbs/04a_cache.ipynb #7fd2ba23
 def cache_fingerprints(settings: dict, keys, stamps=None) -> dict:
     "The table fingerprint (settings + sample keys) and, given the stamps, the source fingerprint (+ each sample's file stamp)."
     s = json.dumps(settings, sort_keys=True)
     return dict(table=_hash([s, *keys]), source=None if stamps is None else _hash([s, *(f'{k}\t{t}' for k, t in zip(keys, stamps))]))
 
+# %% ../nbs/04a_cache.ipynb #b8ee4de4
 def read_manifest(folder) -> dict | None:
     "The manifest of a cache folder, or None if it has none."
     f = Path(folder)/MANIFEST
@@ -53,9 +58,11 @@ def read_manifest(folder) -> dict | None:
     if m.get('format') != CACHE_FORMAT: raise CacheError(f"cache folder {folder}: format {m.get('format')!r}, expected {CACHE_FORMAT!r}")
     return m
 
+# %% ../nbs/04a_cache.ipynb #5e10b4aa
 def _umask() -> int:
     m = os.umask(0); os.umask(m); return m
 
+# %% ../nbs/04a_cache.ipynb #0ea472b7
 def _replace_folder(folder: Path, write) -> None:
     "Run `write(tmp)` on a fresh temporary folder beside `folder`, then move it into place atomically; on any error remove it."
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +79,7 @@ def _replace_folder(folder: Path, write) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
 
+# %% ../nbs/04a_cache.ipynb #df37c883
 def _stale_reasons(folder: Path, kind: str, settings: dict, samples: pd.DataFrame, verify: bool) -> list:
     "Why the cache in `folder` cannot serve `samples` with `settings` (empty list: it can)."
     m = read_manifest(folder)
@@ -93,6 +101,7 @@ def _stale_reasons(folder: Path, kind: str, settings: dict, samples: pd.DataFram
         if changed: reasons.append(f"{len(changed)} sample(s) changed on disk since the build, e.g. {changed[0].split(chr(9))[0]}")
     return reasons or ['its fingerprint differs from the table\'s']
 
+# %% ../nbs/04a_cache.ipynb #fa355d5b
 def _prepare(folder, kind: str, settings: dict, samples: pd.DataFrame, rebuild: str, verify: bool, write, stamps) -> Path:
     "Open-or-build logic shared by the clip and level caches; returns the folder once it holds a cache matching `samples`."
     if rebuild not in ('auto', 'never', 'always'): raise ValueError(f"rebuild must be 'auto', 'never' or 'always', got {rebuild!r}")
@@ -112,6 +121,7 @@ def _prepare(folder, kind: str, settings: dict, samples: pd.DataFrame, rebuild: 
     _replace_folder(folder, write)
     return folder
 
+# %% ../nbs/04a_cache.ipynb #d5f45869
 def _manifest(kind, settings, samples, **extra) -> dict:
     return dict(format=CACHE_FORMAT, kind=kind, settings=settings, n_samples=len(samples),
                 fingerprint=cache_fingerprints(settings, samples.key, samples.stamp),
@@ -125,10 +135,12 @@ def _frame_files(folder) -> list:
     if not frames: raise FileNotFoundError(f"frame folder {folder} holds no frames")
     return frames
 
+# %% ../nbs/04a_cache.ipynb #9093edd5
 def _files_stamp(files) -> str:
     "Names, sizes and modification times of `files`, hashed: changes when any file is replaced, added or removed."
     return _hash(f'{f.name}:{s.st_size}:{s.st_mtime_ns}' for f in files for s in [f.stat()])[:20]
 
+# %% ../nbs/04a_cache.ipynb #661cb6a0
 def _clip_samples(df: pd.DataFrame) -> pd.DataFrame:
     "One row per distinct frame folder of `df`: key (the folder) and frame count."
     if 'path' not in df.columns: raise ValueError("the sample table has no 'path' column")
@@ -136,8 +148,10 @@ def _clip_samples(df: pd.DataFrame) -> pd.DataFrame:
     paths = list(dict.fromkeys(str(p) for p in df.path))
     return pd.DataFrame(dict(key=paths, count=[len(_frame_files(p)) for p in paths]))
 
+# %% ../nbs/04a_cache.ipynb #b1996adc
 def _clip_stamps(samples) -> list: return [_files_stamp(_frame_files(k)) for k in samples.key]
 
+# %% ../nbs/04a_cache.ipynb #746971a4
 def _read_frame(path, size: int) -> np.ndarray:
     try: im = load_image(path)
     except Exception as e:
@@ -145,23 +159,27 @@ def _read_frame(path, size: int) -> np.ndarray:
                         f"check_frames / check_images (policy='skip' or 'repair') and build the cache from the table they return") from None
     return np.asarray(im.resize((size, size), Image.BILINEAR))
 
+# %% ../nbs/04a_cache.ipynb #c6bf7b50
 class _Decode(torch.utils.data.Dataset):
     "Item i -> (i, uint8 array) decoded by `fn(i)`, for building a cache with DataLoader workers."
     def __init__(self, n, fn): self.n, self.fn = n, fn
     def __len__(self): return self.n
     def __getitem__(self, i): return i, self.fn(i)
 
+# %% ../nbs/04a_cache.ipynb #193afd14
 def _decode_all(n: int, fn, num_workers: int):
     "Yield (i, arrays) for i < n, decoded in `num_workers` processes (0: in this process)."
     dl = torch.utils.data.DataLoader(_Decode(n, fn), batch_size=None, num_workers=num_workers, collate_fn=lambda o: o,
                                      prefetch_factor=4 if num_workers else None)
     yield from dl
 
+# %% ../nbs/04a_cache.ipynb #410fb2e9
 class _ClipFrames:
     "Picklable frame decoder of clip i (all its frames, resized)."
     def __init__(self, folders, size): self.folders, self.size = folders, size
     def __call__(self, i): return np.stack([_read_frame(f, self.size) for f in _frame_files(self.folders[i])])
 
+# %% ../nbs/04a_cache.ipynb #077f9f4a
 def build_clip_cache(df: pd.DataFrame, folder=None, size: int = 112, rebuild: str = 'auto', verify: bool = True,
                      num_workers: int = 0, progress: bool = False) -> 'ClipCache':
     "Cache every frame of each clip (frame folder) of `df`, resized to `size`, in `folder/frames.npy`; reuse a matching cache, rebuild (or refuse) a stale one."
@@ -182,6 +200,7 @@ def build_clip_cache(df: pd.DataFrame, folder=None, size: int = 112, rebuild: st
                                                   shape=[int(counts.sum()), size, size, 3], seconds=round(time.time() - t0, 1)))
     return ClipCache(_prepare(folder, 'clips', settings, samples, rebuild, verify, write, _clip_stamps))
 
+# %% ../nbs/04a_cache.ipynb #1cb14b31
 class _BuiltCache:
     "What every built cache folder has: its manifest (of this `kind`), its index and the index row of each key."
     kind = None
@@ -194,6 +213,7 @@ class _BuiltCache:
         self._pos = {k: i for i, k in enumerate(self.index.key)}
     def __len__(self): return len(self.index)
 
+# %% ../nbs/04a_cache.ipynb #32a1785b
 class ClipCache(_BuiltCache):
     "A built clip cache: `frames` (memory-mapped, N_total x S x S x 3 uint8) and per-clip `offset` / `count`, looked up by frame folder."
     kind = 'clips'
@@ -293,6 +313,7 @@ class _Items:
         return (torch.tensor(self.y[i]) if self.y.ndim == 1 else torch.from_numpy(self.y[i]),)
     def new(self, pos, y): return type(self)(**{**self.__dict__, 'pos': pos, 'y': y})
 
+# %% ../nbs/04a_cache.ipynb #b18a8fbf
 class ClipItems(_Items):
     "Clip i -> (uint8 frames (T, S, S, 3) chosen TSN-style, [label]); `train` draws one random frame per segment, otherwise the centres."
     def __init__(self, folder, files, pos, y=None, vocab=None, n_inp=1, offsets=None, counts=None, t=16, train=False, pad='last',
@@ -305,6 +326,7 @@ class ClipItems(_Items):
         x = self.arrays()['frames'][self.offsets[p] + np.asarray(idx)]
         return (torch.from_numpy(x),) + self._label(i)
 
+# %% ../nbs/04a_cache.ipynb #797197de
 class LevelItems(_Items):
     "Row i -> (face, body, context uint8 (S, S, 3), [boxes (2, 4)], [label])."
     def __init__(self, folder, files, pos, y=None, vocab=None, n_inp=3, **kw): super().__init__(folder, files, pos, y, vocab, n_inp)
@@ -314,6 +336,7 @@ class LevelItems(_Items):
         if self.n_inp == 4: out += (torch.from_numpy(np.array(a['boxes'][p])),)
         return out + self._label(i)
 
+# %% ../nbs/04a_cache.ipynb #142d7a75
 class _OnDevice(ItemTransform):
     "First batch transform, on the device: channels first and fastai types ('clip', 'image', 'boxes', 'category', 'multicategory' per element)."
     order = -10
@@ -327,6 +350,7 @@ class _OnDevice(ItemTransform):
             out.append(x)
         return tuple(out)
 
+# %% ../nbs/04a_cache.ipynb #aa19e2c5
 class CacheDataLoader(DataLoader):
     "fastai DataLoader whose batches are copied to the device without blocking (from pinned memory when `pin_memory`) before `after_batch` runs there."
     def __iter__(self):
@@ -339,6 +363,7 @@ class CacheDataLoader(DataLoader):
         self.after_iter()
         if hasattr(self, 'it'): del self.it
 
+# %% ../nbs/04a_cache.ipynb #d20f6963
 class CachedDataLoaders(DataLoaders):
     "fastai DataLoaders over a cache; `test_dl(rows)` serves other rows of the cache with the validation transforms."
     def __init__(self, *loaders, path='.', device=None, cache=None, labels=None, multi_label=False):
@@ -350,6 +375,7 @@ class CachedDataLoaders(DataLoaders):
         y = _targets(rows, self.labels, self.multi_label) if with_labels else None
         return self.valid.new(items.new(self.cache.positions(rows), y), shuffle=False, drop_last=False, **kw)
 
+# %% ../nbs/04a_cache.ipynb #8e9f0b75
 def _targets(rows: pd.DataFrame, labels, multi_label: bool) -> np.ndarray:
     "Class index of each row in `labels` (from `label_name`, as emonb.data.target_block), or the multi-hot matrix of `labels`."
     if multi_label:
@@ -360,6 +386,7 @@ def _targets(rows: pd.DataFrame, labels, multi_label: bool) -> np.ndarray:
     if bad: raise ValueError(f"label {bad[0]!r} of sample {rows.path[rows.label_name == bad[0]].iloc[0]} is not a class of {labels.name}: {list(labels.names)}")
     return np.array([k[n] for n in rows.label_name], dtype=np.int64)
 
+# %% ../nbs/04a_cache.ipynb #f5caaea3
 def _loaders_of(cache, tv, items, pipes, bs, num_workers, pin_memory, device, persistent_workers, labels, multi_label, path='.'):
     device = default_device() if device is None else torch.device(device)
     pin = (device.type == 'cuda') if pin_memory is None else pin_memory
@@ -370,6 +397,7 @@ def _loaders_of(cache, tv, items, pipes, bs, num_workers, pin_memory, device, pe
            CacheDataLoader(mk(val, False), shuffle=False, drop_last=False, after_batch=pipes[1], **kw)]
     return CachedDataLoaders(*dls, path=path, device=device, cache=cache, labels=labels, multi_label=multi_label)
 
+# %% ../nbs/04a_cache.ipynb #944dec34
 def cached_clip_dataloaders(df: pd.DataFrame, cache, n_frames: int = 16, bs: int = 8, pad: str = 'last', normalize: str = 'clip',
                             labels=None, num_workers: int = 0, pin_memory: bool = None, device=None, augment=True,
                             min_scale: float = 0.8, persistent_workers: bool = True, size: int = None, sampling: str = 'even', **kw) -> CachedDataLoaders:
@@ -399,6 +427,7 @@ def _level_key(r) -> str:
     fb = r.get('fallback', ''); tr = r.get('truncated', False)
     return '\t'.join([str(r['path']), str(r['face_box']), str(r['body_box']), '' if pd.isna(fb) else str(fb), str(bool(tr) if pd.notna(tr) else False)])
 
+# %% ../nbs/04a_cache.ipynb #2dab2570
 def _level_rows(df: pd.DataFrame) -> pd.DataFrame:
     "Distinct rows of `df` by key (path, boxes, fallback, truncated), with key and stamp."
     for c in ('path', 'face_box', 'body_box'):
@@ -413,9 +442,11 @@ def _level_rows(df: pd.DataFrame) -> pd.DataFrame:
     if missing: raise FileNotFoundError(f"{len(missing)} image(s) do not exist, e.g. {missing[0]} (check_images reports these)")
     return rows
 
+# %% ../nbs/04a_cache.ipynb #bc0cb231
 def _image_stamps(samples) -> list:
     return [f'{s.st_size}:{s.st_mtime_ns}' for p in samples.path for s in [Path(p).stat()]]
 
+# %% ../nbs/04a_cache.ipynb #011069ef
 def level_windows(row: pd.Series, sizes=(224, 224, 224), resize: str = 'squish', context: str = 'whole') -> tuple:
     "(face, body, context) uint8 arrays (S, S, 3) of a table row, cropped as LevelCrop and resized by `resize`, and its boxes (2, 4) as fractions of the image."
     out = []
@@ -431,10 +462,12 @@ def level_windows(row: pd.Series, sizes=(224, 224, 224), resize: str = 'squish',
     b = torch.tensor([parse_box(row[f'{l}_box'], row['path']) for l in ('face', 'body')], dtype=torch.float32)
     return tuple(out), (b / torch.tensor([w, h, w, h], dtype=torch.float32)).clamp(0, 1).numpy()
 
+# %% ../nbs/04a_cache.ipynb #a1808127
 class _RowWindows:
     def __init__(self, rows, sizes, resize, context): self.rows, self.sizes, self.resize, self.context = rows, sizes, resize, context
     def __call__(self, i): return level_windows(self.rows.iloc[i], self.sizes, self.resize, self.context)
 
+# %% ../nbs/04a_cache.ipynb #c124244e
 def build_level_cache(df: pd.DataFrame, folder=None, size=224, resize: str = 'squish', context: str = 'whole', rebuild: str = 'auto',
                       verify: bool = True, num_workers: int = 0, progress: bool = False) -> 'LevelCache':
     "Cache the face, body and context windows of each row of `df` (resized to `size`: one int or one per level) and its boxes; reuse a matching cache, rebuild (or refuse) a stale one."
@@ -460,6 +493,7 @@ def build_level_cache(df: pd.DataFrame, folder=None, size=224, resize: str = 'sq
                                                   seconds=round(time.time() - t0, 1)))
     return LevelCache(_prepare(folder, 'levels', settings, samples, rebuild, verify, write, _image_stamps))
 
+# %% ../nbs/04a_cache.ipynb #6dfbe26c
 class LevelCache(_BuiltCache):
     "A built multi-level cache: memory-mapped `face`, `body`, `context` (N x S x S x 3 uint8) and `boxes` (N x 2 x 4), looked up by row key."
     kind = 'levels'
@@ -481,6 +515,7 @@ class LevelCache(_BuiltCache):
                                           f"e.g. {missing[0].split(chr(9))[0]}: build it from this table with build_level_cache(df, folder)")
         return np.array([self._pos[k] for k in keys], dtype=np.int64)
 
+# %% ../nbs/04a_cache.ipynb #50dd932d
 def cached_multilevel_dataloaders(df: pd.DataFrame, cache, bs: int = 16, augment: str = 'mlper', normalize: str = 'clip', labels=None,
                                   multi_label: bool = False, with_boxes: bool = False, num_workers: int = 0, pin_memory: bool = None,
                                   device=None, persistent_workers: bool = True, **kw) -> CachedDataLoaders:
@@ -535,6 +570,7 @@ class _SmallImages:
         a = np.asarray(im, dtype=np.uint8)
         return a[..., None] if a.ndim == 2 else a
 
+# %% ../nbs/04a_cache.ipynb #16f12da7
 def _image_samples(df: pd.DataFrame) -> pd.DataFrame:
     "One row per distinct image path of `df` (key = path); every file must exist."
     if 'path' not in df.columns: raise ValueError("the sample table has no 'path' column")
@@ -544,6 +580,7 @@ def _image_samples(df: pd.DataFrame) -> pd.DataFrame:
     if missing: raise FileNotFoundError(f"{len(missing)} image(s) do not exist, e.g. {missing[0]} (check_images reports these)")
     return pd.DataFrame(dict(key=keys, path=keys))
 
+# %% ../nbs/04a_cache.ipynb #0b6242ff
 def build_image_cache(df: pd.DataFrame, folder=None, size: int = 48, mode: str = 'L', rebuild: str = 'auto', verify: bool = True,
                       num_workers: int = 0, progress: bool = False) -> 'ImageCache':
     "Decode every image of `df` once (as `mode` 'L' or 'RGB', resized to `size`) into `folder/images.npy` (N x S x S x C uint8); reuse a matching cache, rebuild (or refuse) a stale one."
@@ -563,6 +600,7 @@ def build_image_cache(df: pd.DataFrame, folder=None, size: int = 48, mode: str =
                                                   seconds=round(time.time() - t0, 1)))
     return ImageCache(_prepare(folder, 'images', settings, samples, rebuild, verify, write, _image_stamps))
 
+# %% ../nbs/04a_cache.ipynb #dd3d8a21
 class ImageCache(_BuiltCache):
     "A built small-image cache: `images` (memory-mapped, N x S x S x C uint8), looked up by path."
     kind = 'images'
@@ -605,6 +643,7 @@ class SmallImageAugment(Transform):
         if self.flip: x = torch.where((torch.rand(b, device=x.device) < 0.5)[:, None, None, None], x.flip(-1), x)
         return TensorImage(x.contiguous())
 
+# %% ../nbs/04a_cache.ipynb #04a659a6
 class EraseBatch(Transform):
     "Random erasing on a normalised batch: with probability `p` a rectangle of `scale` of the area and aspect `ratio` is set to 0 (the mean)."
     split_idx, order = 0, 20
@@ -620,6 +659,7 @@ class EraseBatch(Transform):
         on = (torch.rand(b, device=dev) < self.p)[:, None, None]
         return TensorImage(x.masked_fill((box & on)[:, None], 0.))
 
+# %% ../nbs/04a_cache.ipynb #bcd67ac8
 class TensorItems:
     "Images (N x C x S x S uint8) and targets as tensors, gathered a batch at a time by index (`batch(idx)`), on one device."
     def __init__(self, x: torch.Tensor, y: torch.Tensor): self.x, self.y = x, y
@@ -631,6 +671,7 @@ class TensorItems:
     def to(self, device): return TensorItems(self.x.to(device), self.y.to(device))
     def new(self, x, y): return TensorItems(x, y)
 
+# %% ../nbs/04a_cache.ipynb #67a42b66
 class TensorBatchLoader(DataLoader):
     "fastai DataLoader over `TensorItems`: each batch is one index gather on the device, then `after_batch` (float, normalisation, augmentation) runs there."
     def __iter__(self):
@@ -642,6 +683,7 @@ class TensorBatchLoader(DataLoader):
     def to(self, device):
         super().to(device); self.dataset = self.dataset.to(device); return self
 
+# %% ../nbs/04a_cache.ipynb #b4208a55
 class SmallImageDataLoaders(DataLoaders):
     "The train/valid `TensorBatchLoader`s of a table and its `ImageCache`; `test_dl(rows)` serves other cached rows with the validation transforms."
     def __init__(self, *loaders, path='.', device=None, cache=None, labels=None):
@@ -653,6 +695,7 @@ class SmallImageDataLoaders(DataLoaders):
         items = TensorItems(self.cache.tensor(self.cache.positions(rows), self.device), y.to(self.device))
         return self.valid.new(items, shuffle=False, drop_last=False, **kw)
 
+# %% ../nbs/04a_cache.ipynb #ff6c0859
 def small_image_dataloaders(df: pd.DataFrame, cache=None, bs: int = 256, normalize='half', augment: bool = True, pad: int = 4,
                             rotate: float = 0., erase: float = 0.5, labels=None, device=None, **build_kw) -> SmallImageDataLoaders:
     "DataLoaders of a small-image table (FER2013, ...) from an `ImageCache` (built from `df` when not given): the train and val images live on `device` as uint8, batches are gathered and augmented there (`SmallImageAugment`, `EraseBatch`). `normalize`: 'half' (mean = std = 0.5), a preset of emonb.data, or (mean, std)."

@@ -25,14 +25,19 @@ def _finite_float(s, low=None, high=None, low_open=True):
     if high is not None and v >= high: raise argparse.ArgumentTypeError(f"expected a number < {high}, got {s!r}")
     return v
 
+# %% ../nbs/20_cli.ipynb #fcf81645
 class _LinesKept(argparse.HelpFormatter):
     "Wraps one-line texts as usual; keeps the lines of a text that has several (a table in an epilog)."
     def _fill_text(self, text, width, indent):
         return ''.join(indent + l for l in text.splitlines(keepends=True)) if '\n' in text else super()._fill_text(text, width, indent)
 
+# %% ../nbs/20_cli.ipynb #1f4b65f9
 def _positive_float(s): return _finite_float(s, low=0)
+
+# %% ../nbs/20_cli.ipynb #73bbf045
 def _fraction(s): return _finite_float(s, low=0, high=1)
 
+# %% ../nbs/20_cli.ipynb #c2a5b9f9
 def _positive_int(s):
     "argparse type: an integer >= 1"
     try: v = int(s)
@@ -40,6 +45,7 @@ def _positive_int(s):
     if v < 1: raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
     return v
 
+# %% ../nbs/20_cli.ipynb #83176a9e
 def _add_quickstart(sub):
     p = sub.add_parser('quickstart', help='train a small classifier and every method on generated synthetic data; print a comparison table',
                        description='Generate a synthetic facial-expression dataset (FER2013 layout), train a small '
@@ -70,6 +76,7 @@ def _add_quickstart(sub):
                    overwrite=a.overwrite, progress=not a.no_progress, methods=methods)
     p.set_defaults(run=run)
 
+# %% ../nbs/20_cli.ipynb #192251cc
 METHODS = ('mlper', 'dferclip', 'expclip', 'kefer', 'cocoer')
 
 def _add_prompts(sub):
@@ -108,6 +115,7 @@ def _add_prompts(sub):
         else: prompts_show(a.method, labels, source=a.source, model=a.model, cache=a.cache, official=a.official)
     p.set_defaults(run=run)
 
+# %% ../nbs/20_cli.ipynb #e5e90982
 def _add_crops(sub):
     p = sub.add_parser('crops', help='face, body and context crops of every image in a dataset table',
                        description='Detect faces and persons (ultralytics YOLO models from local files; by default the '
@@ -146,6 +154,7 @@ def _add_crops(sub):
         print(f"{len(df)} image(s) cropped; fallbacks: {fb or 'none'}; written {a.out}/crops.csv and summary.json")
     p.set_defaults(run=run)
 
+# %% ../nbs/20_cli.ipynb #4707384c
 def _add_train(sub):
     p = sub.add_parser('train', help='train a method on a dataset with its recipe (the official code\'s by default), test once, write a report folder',
                        description='Train one of the five methods (or the cross-entropy classifier baseline) on a dataset read '
@@ -280,6 +289,7 @@ def _add_train(sub):
                   + (f"; model bundle {met['bundle']}" if met.get('bundle') else ''))
     p.set_defaults(run=run)
 
+# %% ../nbs/20_cli.ipynb #d708edc7
 def _report_files(check, df, a):
     "`emonb train --on-bad-file report`: list the table's bad files and missing classes; raise (status 2) if there are any."
     res = check(df, 'report', out=print)
@@ -287,8 +297,10 @@ def _report_files(check, df, a):
     if bad or (notes and a.strict): raise DataCheckFailed(f"{bad} bad file(s) in {len(df)}; nothing was trained")
     print(f"{a.dataset}: all {len(df)} files can be read" + (f"; {len(notes)} split(s) miss a class (see above)" if notes else '') + "; nothing was trained")
 
+# %% ../nbs/20_cli.ipynb #0b886afe
 class DataCheckFailed(ValueError): "`--on-bad-file report` found bad files."
 
+# %% ../nbs/20_cli.ipynb #0f131b79
 def _add_predict(sub):
     p = sub.add_parser('predict', help='emotion probabilities of every face in images, folders or videos, as a CSV table',
                        description='Detect faces (YuNet, shipped with emonb, by default; --detector yolo for the shared '
@@ -334,6 +346,7 @@ def _add_predict(sub):
               f"written {a.out} and its summary {a.out.rsplit('.', 1)[0]}.json")
     p.set_defaults(run=run)
 
+# %% ../nbs/20_cli.ipynb #502a0256
 def _eval_options(p, zeroshot: bool):
     p.add_argument('--dataset', required=True, help='reader: fer2013, rafdb, caer_s, fedro, ferplus, affectnet7, affectnet8, or folders '
                                                     '(ROOT/<emotion>/<image>, any spelling of the emotion names, e.g. CK+)')
@@ -382,6 +395,7 @@ def _eval_options(p, zeroshot: bool):
             if name != 'all': print(f"  {name}: WAR {r['war']:.2%}  UAR {r['uar']:.2%}  (n={r['n']})" if r['n'] else f"  {name}: no images (n=0)")
     p.set_defaults(run=run)
 
+# %% ../nbs/20_cli.ipynb #3ac85b0e
 def _add_eval(sub):
     p = sub.add_parser('eval', help='WAR / UAR and a report folder of a zero-shot CLIP or a saved model on a dataset split',
                        description='Read a dataset with its emonb reader, classify every image of one split with a zero-shot '
@@ -391,6 +405,7 @@ def _add_eval(sub):
                                    'extra classes are dropped (and reported).')
     _eval_options(p, zeroshot=False)
 
+# %% ../nbs/20_cli.ipynb #bf9dd183
 def _add_zeroshot(sub):
     p = sub.add_parser('zeroshot', help='WAR / UAR and a report folder of a zero-shot CLIP on a dataset split (eval --method zeroshot)',
                        description='Zero-shot classification of one split of a dataset by a CLIP and class prompts: the world '
@@ -398,6 +413,7 @@ def _add_zeroshot(sub):
                                    'metrics.json, predictions.csv and confusion.png into --out. Same as emonb eval --method zeroshot.')
     _eval_options(p, zeroshot=True)
 
+# %% ../nbs/20_cli.ipynb #77e1ce64
 def _user_errors() -> tuple:
     "Exceptions that are the user's to fix: reported in one line, no traceback."
     errs = USER_ERRORS
@@ -407,6 +423,7 @@ def _user_errors() -> tuple:
     except ImportError: pass
     return errs
 
+# %% ../nbs/20_cli.ipynb #c7990604
 def build_parser() -> argparse.ArgumentParser:
     "The `emonb` argument parser with all sub-commands."
     parser = argparse.ArgumentParser(prog='emonb', description='emonb: vision-language emotion recognition '
@@ -423,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     return parser
 
+# %% ../nbs/20_cli.ipynb #ad59ca71
 def main(argv=None, _args=None) -> int:
     "Entry point of the `emonb` console script; returns the exit status."
     # a dependency scripts a function at import time; torch's deprecation notice about it is not for our users
@@ -447,6 +465,7 @@ def main(argv=None, _args=None) -> int:
         return 130
     return 0
 
+# %% ../nbs/20_cli.ipynb #1eb9f243
 _INPUTS = ('root', 'table', 'weights', 'clip_weights', 'teacher')   # options naming files or folders a command reads
 
 def _check_out(args):
@@ -464,6 +483,7 @@ def _check_out(args):
         from emonb.core import check_output_dir
         check_output_dir(out, getattr(args, 'overwrite', False))
 
+# %% ../nbs/20_cli.ipynb #941703ee
 def _record_out(args):
     "After a command: record in its output folder's manifest what emonb wrote there (what a later --overwrite may remove)."
     out = getattr(args, 'out', None)
@@ -471,6 +491,7 @@ def _record_out(args):
     from emonb.core import output_manifest, record_outputs, is_main_process
     if is_main_process() and output_manifest(out) is not None: record_outputs(out)
 
+# %% ../nbs/20_cli.ipynb #0f572432
 def _resume_hint(args, argv) -> str:
     "For an interrupted `emonb train`: the command that continues it from its last checkpoint."
     if args.command != 'train': return ''

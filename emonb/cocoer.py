@@ -48,10 +48,12 @@ class CocoerOutput(dict):
         try: return self[k]
         except KeyError: raise AttributeError(k) from None
 
+# %% ../nbs/14_cocoer.ipynb #4fa71f03
 def dynamic_weights(target: torch.Tensor) -> torch.Tensor:
     "The official code's per-sample class weights of a (pseudo) label: 1/ln(t + 1.2) where t != 0 (1/ln 2.2 for a positive), 1e-4 where t = 0."
     return torch.where(target != 0, 1 / torch.log(target + 1.2), torch.full_like(target, 1e-4))
 
+# %% ../nbs/14_cocoer.ipynb #d6ae4d57
 def level_loss_grad(z: torch.Tensor, target: torch.Tensor, loss: str = 'cross_entropy', class_weights=None) -> tuple:
     "Per-sample loss f (...) of logits `z` (..., k) against `target` (..., k) and its gradient g = df/dz (..., k), in closed form."
     if loss not in LEVEL_LOSSES: raise ValueError(f"loss must be one of {LEVEL_LOSSES}, got {loss!r}")
@@ -69,6 +71,7 @@ def level_loss_grad(z: torch.Tensor, target: torch.Tensor, loss: str = 'cross_en
     logp = z.log_softmax(-1)     # f = -sum_c t_c log softmax(z)_c  ->  g = softmax(z) - t  (t sums to 1)
     return -(t * logp).sum(-1), logp.exp() - t
 
+# %% ../nbs/14_cocoer.ipynb #55daff03
 def workspace_gram(g: torch.Tensor, h: torch.Tensor, bias: bool = True) -> torch.Tensor:
     "Q = G G^T (B, q, q) of the levels' prediction-layer gradients, from g (B, q, k) and h (B, q, d): (g_i.g_j)(h_i.h_j + 1)."
     hh = h @ h.transpose(1, 2)
@@ -191,6 +194,7 @@ def roi_points(boxes: torch.Tensor, grid: int = 7) -> torch.Tensor:
     y = boxes[:, None, 1] + ys.flatten()[None] * (boxes[:, 3] - boxes[:, 1])[:, None]
     return torch.stack([x, y], -1)
 
+# %% ../nbs/14_cocoer.ipynb #9f8a9235
 def code_bilinear(emb: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
     "The official code's bilinear sampling of `emb` (H, W, C) at points (B, N, 2) = (x, y) in cell units (cell i at i): floor, clamp to the grid, weights from the clamped corners (so a point past the last cell centre gets weight 0)."
     H, W, _ = emb.shape
@@ -202,6 +206,7 @@ def code_bilinear(emb: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
     return ((wx0 * wy0)[..., None] * emb[y0, x0] + (wx0 * wy1)[..., None] * emb[y1, x0]
             + (wx1 * wy0)[..., None] * emb[y0, x1] + (wx1 * wy1)[..., None] * emb[y1, x1])
 
+# %% ../nbs/14_cocoer.ipynb #e78e149a
 class GridPositions(nn.Module):
     "The context's learned 2-D position embedding (a column part and a row part, d/2 each), and its bilinear samples at the grid points of a box."
     def __init__(self, grid: int = 7, dim: int = 256, sampling: str = 'centred'):
@@ -256,10 +261,12 @@ class CrossLevelBlock(nn.Module):
         x = x + self.drop(self.attend(x, y, x_pos, y_pos))
         return x + self.drop(self.ffn(self.norm_ffn(x)))
 
+# %% ../nbs/14_cocoer.ipynb #b7b9545a
 def _gelu_grad(u: torch.Tensor) -> torch.Tensor:
     "d GELU(u) / du of the exact (erf) GELU."
     return 0.5 * (1 + torch.erf(u * 0.5 ** 0.5)) + u * torch.exp(-0.5 * u * u) * (2 * math.pi) ** -0.5
 
+# %% ../nbs/14_cocoer.ipynb #1dca567a
 def _layer_norm_vjp(v: torch.Tensor, ln: nn.LayerNorm, grad: torch.Tensor) -> torch.Tensor:
     "df/dv from df/dh for h = ln(v) (a LayerNorm over the last dimension), in closed form."
     mu, var = v.mean(-1, keepdim=True), v.var(-1, unbiased=False, keepdim=True)
@@ -267,6 +274,7 @@ def _layer_norm_vjp(v: torch.Tensor, ln: nn.LayerNorm, grad: torch.Tensor) -> to
     n, gn = (v - mu) * rstd, grad * ln.weight.to(grad) if ln.weight is not None else grad
     return rstd * (gn - gn.mean(-1, keepdim=True) - n * (gn * n).mean(-1, keepdim=True))
 
+# %% ../nbs/14_cocoer.ipynb #796eb231
 class LevelMapping(nn.Module):
     "g_theta of one level: flatten -> GELU -> Linear(N·d -> d) -> GELU -> LayerNorm = h, then the prediction layer Linear(d -> k) = z."
     def __init__(self, n_tokens: int, dim: int, n_classes: int):
@@ -340,6 +348,7 @@ class VocabularyInformed(nn.Module):
 # %% ../nbs/14_cocoer.ipynb #349ec27c
 def _plain(*xs): return [x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x for x in xs]
 
+# %% ../nbs/14_cocoer.ipynb #83fa7084
 COCOER_VARIANTS = {   # what each variant picks for CocoER's lower-level options (explicit keywords override); see the variant table
     'official': dict(heads=4, activation='swish', positions='code', vi_input='repeat', vi_norm=False, vi_init='orthogonal',
                      pseudo='sigmoid', level_loss='dynamic_bce', coordination='official', step=0.1, detach_workspace=True),
@@ -355,6 +364,7 @@ def cocoer_options(variant: str = 'official', **overrides) -> dict:
     if unknown: raise ValueError(f"unknown CocoER option(s) {sorted(unknown)}: the options are {list(COCOER_VARIANTS[variant])}")
     return {**COCOER_VARIANTS[variant], **{k: v for k, v in overrides.items() if v is not None}}
 
+# %% ../nbs/14_cocoer.ipynb #a21c6bf3
 class CocoER(nn.Module):
     "CocoER: head / body / context backbones, cross-level attention, per-level mappings, the V-I module, the workspace and the global head."
     def __init__(self, clip: ClipEncoder, labels, multi_label: bool = False, arch: str = 'resnet50', dim: int = 256, grid: int = 7,
@@ -465,6 +475,7 @@ class CocoER(nn.Module):
         "The global head's logits."
         return self(face, body, context, boxes)['logits']
 
+# %% ../nbs/14_cocoer.ipynb #769b16f5
 COCOER_CPU = dict(arch='resnet10t', backbone_kw=dict(channels=(16, 32, 64, 128)), stage=1, dim=64, ffn_dim=256)   # a CPU-sized model
 COCOER_CPU_SIZE = (32, 32, 64)   # face, body, context windows (px) for COCOER_CPU
 
@@ -516,6 +527,7 @@ def _criterion(multi_label: bool, class_weights=None, class_sum: bool = False):
     if multi_label: return lambda z, t: weighted_bce(z.float(), t.float(), class_weights)
     return lambda z, t: F.cross_entropy(z.float(), t if t.is_floating_point() else t.long())
 
+# %% ../nbs/14_cocoer.ipynb #4bb8851b
 LEVEL_TARGETS = ('label', 'pseudo', 'workspace')
 
 class CocoerLoss(nn.Module):
@@ -551,6 +563,7 @@ class CocoerLoss(nn.Module):
         self.last = {**{k: v.item() for k, v in terms.items()}, 'regulariser': reg.item()}
         return loss
 
+# %% ../nbs/14_cocoer.ipynb #42cc23b9
 class CocoerLogits(Callback):
     "After the loss, replace the model's dict of outputs by the global logits, so fastai's metrics and get_preds see class scores."
     order = 50
@@ -578,11 +591,13 @@ class LevelBoxes(Transform):
         b = torch.tensor([parse_box(row[f'{l}_box'], row['path']) for l in ('face', 'body')], dtype=torch.float32)
         return TensorBase((b / torch.tensor([w, h, w, h], dtype=torch.float32)).clamp(0, 1))
 
+# %% ../nbs/14_cocoer.ipynb #312ade02
 class WindowCrop(Transform):
     "A table row -> one window (face, body or context) of its image, squished to `size` x `size` (a PILImage)."
     def __init__(self, level: str, size: int, context: str = 'whole'): self.crop, self.size = LevelCrop(level, context), size
     def encodes(self, row: pd.Series) -> PILImage: return PILImage(self.crop(row).resize((self.size, self.size), Image.BILINEAR))
 
+# %% ../nbs/14_cocoer.ipynb #dc2a65b7
 def cocoer_dataloaders(df: pd.DataFrame, size=224, bs: int = 64, labels=None, multi_label: bool = False,
                        normalize: str = 'clip', context: str = 'whole', num_workers: int = 0, **kw):
     "fastai DataLoaders of (face, body, context, boxes, y): windows squished to `size` (one int, or (face, body, context)), boxes as fractions of the image."
@@ -654,6 +669,7 @@ def cocoer_outputs(model: nn.Module, dl, precision: str = 'auto') -> CocoerOutpu
     res['targets'] = torch.cat(ys)
     return res
 
+# %% ../nbs/14_cocoer.ipynb #011cbe13
 def elimination_report(outputs: dict, conflict_level=None) -> pd.DataFrame:
     "% of samples whose first eliminated level is the context, body or head (the paper's Table 5); by which level shows another emotion when `conflict_level` is given."
     first = np.asarray(outputs['order'])[:, 0]
@@ -668,6 +684,7 @@ def elimination_report(outputs: dict, conflict_level=None) -> pd.DataFrame:
         for lv, name in (('context', 'context'), ('body', 'body'), ('face', 'head')): rows[f'{name} conflicts'] = row(cl == lv)
     return pd.DataFrame(rows).T.astype({'n': int})
 
+# %% ../nbs/14_cocoer.ipynb #d42e81fa
 def conflict_breakdown(outputs: dict, conflict_level=None, multi_label: bool = False) -> pd.DataFrame:
     "WAR (single-label) or mAP (multi-label) of the global logits over all samples and, given `conflict_level`, by which level shows another emotion."
     s, t = outputs['logits'].float(), outputs['targets']
@@ -693,6 +710,7 @@ def dls_normalization(dls) -> str | None:
         if stats is not None and torch.allclose(mean, torch.tensor(stats[0], dtype=torch.float64), atol=1e-5): return name
     return None
 
+# %% ../nbs/14_cocoer.ipynb #7e344794
 @records_outputs('out')
 def train_cocoer(df: pd.DataFrame, out, clip: ClipEncoder = None, labels=None, multi_label: bool = None, model: str = 'cocoer',
                  size: int = 224, bs: int = None, config: TrainConfig = None, betas=(0.2, 0.2, 0.2, 0.2, 0.2), alpha: float = 0.1,

@@ -120,6 +120,7 @@ def register_label_set(ls: LabelSet) -> LabelSet:
     LABEL_SETS[ls.name] = ls
     return ls
 
+# %% ../nbs/00_core.ipynb #cf4d0fa3
 _BASIC7 = ('neutral', 'happiness', 'sadness', 'surprise', 'fear', 'disgust', 'anger')
 _EMOTIC = ('Affection', 'Anger', 'Annoyance', 'Anticipation', 'Aversion', 'Confidence', 'Disapproval', 'Disconnection',
            'Disquietment', 'Doubt/Confusion', 'Embarrassment', 'Engagement', 'Esteem', 'Excitement', 'Fatigue', 'Fear',
@@ -178,6 +179,7 @@ def label_mapping(src, dst, missing='raise') -> np.ndarray:
     fill = int(missing) if missing != 'raise' else -1
     return np.array([dst.names.index(n) if n in dst.names else fill for n in src.names], dtype=np.int64)
 
+# %% ../nbs/00_core.ipynb #d2263eb6
 def map_labels(labels, src, dst, missing='raise') -> np.ndarray:
     "Translate 0-based `labels` of label set `src` into indices of `dst` (see `label_mapping`)."
     src = label_set(src)
@@ -208,10 +210,12 @@ def _np(x):
     if hasattr(x, 'detach'): x = x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
     return np.asarray(x)
 
+# %% ../nbs/00_core.ipynb #2d677f3f
 def _as_labels(preds):
     p = _np(preds)
     return p.argmax(-1) if p.ndim == 2 else p.astype(np.int64)
 
+# %% ../nbs/00_core.ipynb #e37f7371
 def confusion_matrix(targets, preds, n_classes: int = None, normalize: bool = False) -> np.ndarray:
     "Counts `C[t, p]` of samples of true class `t` predicted as `p`; `normalize=True` divides each row by its total."
     t, p = _np(targets).astype(np.int64).ravel(), _as_labels(preds).ravel()
@@ -227,12 +231,14 @@ def confusion_matrix(targets, preds, n_classes: int = None, normalize: bool = Fa
     rows = cm.sum(1, keepdims=True)
     return np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
 
+# %% ../nbs/00_core.ipynb #8abbdb7f
 def per_class_recall(targets, preds, n_classes: int = None) -> np.ndarray:
     "Recall of each class; NaN for classes with no sample in `targets`."
     cm = confusion_matrix(targets, preds, n_classes)
     support = cm.sum(1)
     return np.divide(np.diag(cm).astype(float), support, out=np.full(len(cm), np.nan), where=support > 0)
 
+# %% ../nbs/00_core.ipynb #a01d3b39
 def war(targets, preds) -> float:
     "Weighted average recall = accuracy."
     t, p = _np(targets).astype(np.int64).ravel(), _as_labels(preds).ravel()
@@ -240,6 +246,7 @@ def war(targets, preds) -> float:
     if t.shape != p.shape: raise ValueError(f"targets and predictions differ in length: {t.shape[0]} vs {p.shape[0]}")
     return float((t == p).mean())
 
+# %% ../nbs/00_core.ipynb #f876d1ce
 def uar(targets, preds, n_classes: int = None) -> float:
     "Unweighted average recall: mean recall over the classes present in `targets`."
     r = per_class_recall(targets, preds, n_classes)
@@ -266,6 +273,7 @@ def average_precision_per_class(targets, scores) -> np.ndarray:
         aps[k] = np.sum(np.diff(np.r_[0., recall]) * precision)
     return aps
 
+# %% ../nbs/00_core.ipynb #0ccd7545
 def mean_average_precision(targets, scores) -> float:
     "Mean over classes (with at least one positive) of the average precision: the EMOTIC metric."
     aps = average_precision_per_class(targets, scores)
@@ -278,12 +286,14 @@ def war_metric():
     from fastai.metrics import AccumMetric
     return AccumMetric(war, dim_argmax=-1, invert_arg=True, name='war')
 
+# %% ../nbs/00_core.ipynb #fc7747fe
 def uar_metric(n_classes: int = None):
     "UAR as a fastai metric named `uar`."
     from fastai.metrics import AccumMetric
     def _uar(t, p): return uar(t, p, n_classes)
     return AccumMetric(_uar, dim_argmax=-1, invert_arg=True, name='uar')
 
+# %% ../nbs/00_core.ipynb #feb0d508
 def map_metric():
     "Mean average precision over classes (multi-label, sigmoid scores) as a fastai metric named `mAP`."
     from fastai.metrics import AccumMetric, ActivationType
@@ -303,10 +313,12 @@ def is_main_process() -> bool:
     "True in a single-process run and in rank 0 of a multi-process one (torchrun / accelerate set `RANK`): the process that writes files."
     return int(os.environ.get('RANK', 0)) == 0
 
+# %% ../nbs/00_core.ipynb #259ee701
 def _umask() -> int:
     "The process's umask (read without changing it for longer than an instant)."
     m = os.umask(0o022); os.umask(m); return m
 
+# %% ../nbs/00_core.ipynb #55b575af
 def atomic_write_bytes(path, data: bytes) -> Path:
     "Write `data` to `path` through a temporary file in the same folder and an atomic rename."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -320,7 +332,10 @@ def atomic_write_bytes(path, data: bytes) -> Path:
         raise
     return path
 
+# %% ../nbs/00_core.ipynb #1cd18082
 def atomic_write_text(path, text: str) -> Path: return atomic_write_bytes(path, text.encode('utf-8'))
+
+# %% ../nbs/00_core.ipynb #8d96fb76
 def atomic_write_json(path, obj, **kw) -> Path: return atomic_write_text(path, json.dumps(obj, indent=2, **kw) + '\n')
 
 # %% ../nbs/00_core.ipynb #664581d6
@@ -332,10 +347,14 @@ def _tmp_target(name: str):
     "The file whose temporary copy `name` is (`atomic_write_bytes`' naming), or None."
     m = _TMP_FILE.match(name); return m['name'] if m else None
 
+# %% ../nbs/00_core.ipynb #756de854
 def _is_marker(name: str) -> bool: return name == OUTPUT_MARKER or _tmp_target(name) == OUTPUT_MARKER
+
+# %% ../nbs/00_core.ipynb #5b9ae9cc
 def _plain_name(n) -> bool:
     return isinstance(n, str) and n not in ('', '.', '..') and not _is_marker(n) and not any(c in n for c in '/\\\0')
 
+# %% ../nbs/00_core.ipynb #2feb407d
 def output_manifest(path) -> dict | None:
     "The manifest of the emonb output folder `path`, or None when it has no `OUTPUT_MARKER`; an unreadable one is an error naming the file."
     f = Path(path)/OUTPUT_MARKER
@@ -349,22 +368,29 @@ def output_manifest(path) -> dict | None:
         raise ValueError(f"{f} is not a valid emonb output manifest; emonb will not clear {Path(path)} on its word")
     return m
 
+# %% ../nbs/00_core.ipynb #311c268b
 def _write_manifest(path: Path, created: bool, entries=(), kept=()) -> dict:
     m = dict(emonb='output folder', version=1, created=bool(created), claimed=datetime.now(timezone.utc).isoformat(timespec='seconds'),
              entries=sorted(set(entries)), kept=sorted(set(kept)))
     atomic_write_json(path/OUTPUT_MARKER, m); return m
 
+# %% ../nbs/00_core.ipynb #74c6670d
 def _entries(path: Path) -> list:
     "The top-level entries of `path` other than the marker and its temporary files, by name."
     return sorted((c for c in path.iterdir() if not _is_marker(c.name)), key=lambda c: c.name)
 
+# %% ../nbs/00_core.ipynb #455d24a6
 def _remove(p: Path):
     if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
     else: p.unlink()
 
+# %% ../nbs/00_core.ipynb #c92860fe
 def _listing(names, k: int = 8) -> str: return ', '.join(names[:k]) + (f', ... ({len(names) - k} more)' if len(names) > k else '')
+
+# %% ../nbs/00_core.ipynb #eb91d937
 def _n_entries(n: int) -> str: return f"{n} entr{'y' if n == 1 else 'ies'}"
 
+# %% ../nbs/00_core.ipynb #94eb077f
 def _clear_recorded(path: Path, found: list, ours: set) -> list:
     "Remove the entries of `found` that emonb recorded (and their temporary files); warn about the others and return their names."
     kept = []
@@ -375,6 +401,7 @@ def _clear_recorded(path: Path, found: list, ours: set) -> list:
         warnings.warn(f"overwriting {path}: kept {_n_entries(len(kept))} that emonb did not write there: {_listing(kept)}", stacklevel=3)
     return kept
 
+# %% ../nbs/00_core.ipynb #2da8c090
 def _record_in_parent(path: Path, first_existing: Path):
     "If `first_existing` (the nearest existing ancestor of the new folder `path`) is an emonb output folder, record there the entry that leads to `path`."
     try: parent = output_manifest(first_existing)
@@ -382,6 +409,7 @@ def _record_in_parent(path: Path, first_existing: Path):
     if parent is None: return
     record_outputs(first_existing, [path.relative_to(first_existing).parts[0]])
 
+# %% ../nbs/00_core.ipynb #9c46ad52
 def check_output_dir(path, overwrite: bool = False) -> tuple:
     "(manifest or None, emonb-visible entries) of the output folder `path`, after refusing what `prepare_output_dir` would: a file, a non-empty folder without `overwrite`, or with it one emonb did not create. Changes nothing."
     path = Path(path)
@@ -398,6 +426,7 @@ def check_output_dir(path, overwrite: bool = False) -> tuple:
                               f"Choose a new or empty output folder, or move its contents away yourself")
     return m, found
 
+# %% ../nbs/00_core.ipynb #650721b5
 def prepare_output_dir(path, overwrite: bool = False) -> Path:
     "Create or claim the output folder `path` (marked with `OUTPUT_MARKER`); a non-empty one is refused unless `overwrite`, which removes only what emonb recorded there, and only in a folder emonb marked."
     path = Path(path)
@@ -418,6 +447,7 @@ def prepare_output_dir(path, overwrite: bool = False) -> Path:
     _claimed.add(path.resolve())
     return path
 
+# %% ../nbs/00_core.ipynb #0644d052
 def record_outputs(path, names=None) -> list:
     "Record in the manifest of the emonb output folder `path` the top-level entries emonb wrote: `names`, or every entry except those kept at claim time. Run it when a run finishes; returns the recorded entries."
     path = Path(path)
@@ -436,6 +466,7 @@ def record_outputs(path, names=None) -> list:
         atomic_write_json(path/OUTPUT_MARKER, m)
     return m['entries']
 
+# %% ../nbs/00_core.ipynb #cbd1f9d2
 def records_outputs(arg: str):
     "Decorator for a function that writes into the output folder given as its argument `arg`: when it returns or fails, record in that folder's manifest what was written there."
     def deco(f):
@@ -451,6 +482,7 @@ def records_outputs(arg: str):
         return wrapper
     return deco
 
+# %% ../nbs/00_core.ipynb #69bbd036
 _claimed = set()   # output folders this process claimed: recorded when it exits, whoever wrote into them
 
 @atexit.register
@@ -461,12 +493,14 @@ def _record_claimed():
             if output_manifest(path) is not None: record_outputs(path)
         except Exception: pass   # a folder removed or damaged since: nothing to record, and an exit is no time to raise
 
+# %% ../nbs/00_core.ipynb #0331367d
 def _remove_stale_tmp(path: Path) -> list:
     "Remove the temporary files (`atomic_write_bytes`' `.<name>.<random>.tmp`) a killed write left anywhere under `path`."
     stale = [f for f in path.rglob('.*.tmp') if f.is_file() and _tmp_target(f.name) is not None]
     for f in stale: f.unlink()
     return stale
 
+# %% ../nbs/00_core.ipynb #6902637f
 _RESUMING = contextvars.ContextVar('emonb_resuming', default=False)
 
 @contextmanager
@@ -476,6 +510,7 @@ def resuming_runs():
     try: yield
     finally: _RESUMING.reset(token)
 
+# %% ../nbs/00_core.ipynb #0a9d321a
 def resume_requested() -> bool:
     "True inside `resuming_runs()`."
     return _RESUMING.get()
@@ -489,10 +524,12 @@ def _ids(p: Path) -> set:
         except OSError: pass
     return out
 
+# %% ../nbs/00_core.ipynb #f98f7916
 def _file_id(p: Path):
     try: st = p.stat(); return (st.st_dev, st.st_ino)
     except OSError: return None
 
+# %% ../nbs/00_core.ipynb #de5cccd3
 def check_output_disjoint(out, inputs) -> Path:
     "`out` as a Path if it is neither equal to, inside, nor containing any of `inputs` (paths, or a dict {setting: path}); else a ValueError naming both."
     if isinstance(inputs, (str, os.PathLike)): inputs = [inputs]
@@ -521,9 +558,11 @@ _ALPHA_MODES = ('RGBA', 'LA', 'PA', 'RGBa')
 
 def _scale16(a: np.ndarray) -> np.ndarray: return ((a.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
 
+# %% ../nbs/00_core.ipynb #39c02cd1
 def _minmax(a: np.ndarray, lo, hi) -> np.ndarray:
     return np.zeros(a.shape, np.uint8) if hi <= lo else np.round((a - lo) * 255 / (hi - lo)).clip(0, 255).astype(np.uint8)
 
+# %% ../nbs/00_core.ipynb #7bf34ddc
 def _high_depth_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     "The 8-bit values of the single-band array `a` of a 16-bit (`I;16*`), 32-bit integer (`I`) or float (`F`) image, by the table above."
     if a.size == 0: return np.zeros(a.shape, np.uint8)
@@ -539,11 +578,13 @@ def _high_depth_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     if lo >= 0 and hi <= 65535: return _scale16(a)
     return _minmax(a.astype(np.float64), lo, hi)
 
+# %% ../nbs/00_core.ipynb #40b12fc7
 def _lab_to_rgb(im):
     from PIL import ImageCms
     t = ImageCms.buildTransform(ImageCms.createProfile('LAB'), ImageCms.createProfile('sRGB'), 'LAB', 'RGB')
     return ImageCms.applyTransform(im, t)
 
+# %% ../nbs/00_core.ipynb #757bc909
 def image_to_8bit(im, mode: str = 'RGB', transparency: str = 'black'):
     "A new 8-bit `mode` ('RGB' or 'L') image from the PIL image `im` of any mode: high bit depths scaled, transparency composited on black (or dropped: 'ignore'), by the table above."
     from PIL import Image
@@ -563,6 +604,7 @@ def image_to_8bit(im, mode: str = 'RGB', transparency: str = 'black'):
     try: return im.convert(mode)
     except ValueError as e: raise ValueError(f"cannot convert a {m} image to 8-bit {mode}: {e}") from None
 
+# %% ../nbs/00_core.ipynb #e8e44a52
 def eight_bit_rule(mode: str, info: dict = None) -> str:
     "In a few words, how `image_to_8bit` turns an image of PIL mode `mode` (with PIL `info`) into 8 bits: for reports."
     if mode in ('L', 'RGB'): return 'kept as it is'

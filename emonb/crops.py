@@ -35,6 +35,7 @@ def configure_ultralytics(config_dir=None) -> dict:
                       "network. Import emonb.crops (or call configure_ultralytics) before importing ultralytics.")
     return env
 
+# %% ../nbs/04_crops.ipynb #5b99fd8f
 configure_ultralytics()
 _PIL_OPEN = Image.open  # Pillow's own (unless ultralytics was imported before emonb.crops; see import_ultralytics)
 
@@ -47,6 +48,7 @@ def import_ultralytics():
     if Image.open is not before: Image.open = before  # undo ultralytics' patch (see below)
     return ultralytics
 
+# %% ../nbs/04_crops.ipynb #20960353
 SHARED_DATA_ENV = 'EMONB_SHARED_DATA'
 DETECTOR_FILES = {'face': 'detectors/yolov8n-face_int8.tflite', 'person': 'detectors/yolov8n_int8.tflite'}
 DETECTOR_TASKS = {'face': 'pose', 'person': 'detect'}
@@ -68,6 +70,7 @@ def shared_data_dir(required: bool = False) -> Path | None:
                                 f"detectors/ and images/ (by default emonb looks for ../shared/data beside the repository)")
     return None
 
+# %% ../nbs/04_crops.ipynb #7c6a9d86
 def detector_path(kind: str) -> Path:
     "The path of the real `kind` ('face' or 'person') detector in the shared data folder (it may not exist)."
     if kind not in DETECTOR_FILES: raise ValueError(f"detector kind must be one of {list(DETECTOR_FILES)}, got {kind!r}")
@@ -79,20 +82,24 @@ def box_area(b) -> float:
     "Area of box `(x0, y0, x1, y1)` (0 for an empty box)."
     return max(0., float(b[2]) - float(b[0])) * max(0., float(b[3]) - float(b[1]))
 
+# %% ../nbs/04_crops.ipynb #e0d3cafb
 def box_intersection(a, b) -> float:
     "Area of the intersection of boxes `a` and `b`."
     return box_area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
 
+# %% ../nbs/04_crops.ipynb #a518ce84
 def box_iou(a, b) -> float:
     "Intersection over union of boxes `a` and `b` (0 when both are empty)."
     i = box_intersection(a, b); u = box_area(a) + box_area(b) - i
     return i / u if u > 0 else 0.
 
+# %% ../nbs/04_crops.ipynb #c27509f8
 def box_cover(a, b) -> float:
     "Fraction of box `a`'s area that lies inside box `b`."
     area = box_area(a)
     return box_intersection(a, b) / area if area > 0 else 0.
 
+# %% ../nbs/04_crops.ipynb #1a0bca0a
 def as_detections(boxes) -> np.ndarray:
     "Boxes as an `(n, 5)` float32 array `x0, y0, x1, y1, score` (a missing score is 1); checks the shape."
     a = np.asarray(boxes if boxes is not None else [], dtype=np.float32)
@@ -114,6 +121,7 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
         for b in iter(lambda: f.read(chunk), b''): h.update(b)
     return h.hexdigest()
 
+# %% ../nbs/04_crops.ipynb #45e0e19c
 def _missing_weights(path, what) -> FileNotFoundError:
     sd = shared_data_dir()
     where = (f"the shared data folder ({sd}) has the real ones in detectors/" if sd else
@@ -121,6 +129,7 @@ def _missing_weights(path, what) -> FileNotFoundError:
     return FileNotFoundError(f"{what} weights not found: {path}. emonb never downloads weights: put the model file "
                              f"({', '.join(MODEL_SUFFIXES)}) at this path or pass the path of your own file; {where}")
 
+# %% ../nbs/04_crops.ipynb #56fd0c68
 class YOLODetector:
     "An ultralytics YOLO model from a local weight file, as an emonb detector (`detect(images) -> [(n, 5) arrays]`)."
     def __init__(self, path, task: str = 'detect', classes=None, conf: float = 0.25, iou: float = 0.7, imgsz: int = 640,
@@ -169,10 +178,12 @@ class YOLODetector:
 
     def __repr__(self): return f"YOLODetector({str(self.path)!r}, task={self.task!r}, classes={self.classes}, conf={self.conf})"
 
+# %% ../nbs/04_crops.ipynb #8aee4d3c
 def face_detector(path=None, **kw) -> YOLODetector:
     "The face detector (YOLOv8n-face, task 'pose'): `path`, or the one in the shared data folder."
     return YOLODetector(path or detector_path('face'), task=kw.pop('task', DETECTOR_TASKS['face']), name=kw.pop('name', 'face'), **kw)
 
+# %% ../nbs/04_crops.ipynb #7023e0d4
 def person_detector(path=None, **kw) -> YOLODetector:
     "The person detector (a COCO YOLO model keeping class 0 `person`): `path`, or the one in the shared data folder."
     return YOLODetector(path or detector_path('person'), task=kw.pop('task', DETECTOR_TASKS['person']), classes=kw.pop('classes', [0]),
@@ -205,6 +216,7 @@ def packaged_file(name: str) -> Path:
     if not f.is_file(): raise FileNotFoundError(f"{f} is missing from the installed emonb package: reinstall emonb")
     return f
 
+# %% ../nbs/04_crops.ipynb #01844ef4
 class YuNetDetector:
     "OpenCV's YuNet face detector (MIT; shipped with emonb) through `cv2.FaceDetectorYN`, as an emonb detector (`detect(images) -> [(n, 5) arrays]`)."
     def __init__(self, path=None, conf: float = 0.6, nms: float = 0.3, top_k: int = 5000, name: str = 'yunet'):
@@ -262,23 +274,28 @@ class Subject:
     width: int = 0
     height: int = 0
 
+# %% ../nbs/04_crops.ipynb #8405179c
 def _clip(b, w, h) -> tuple:
     x0, y0, x1, y1 = (float(v) for v in b[:4])
     x0, x1 = min(max(x0, 0.), w), min(max(x1, 0.), w); y0, y1 = min(max(y0, 0.), h), min(max(y1, 0.), h)
     return (x0, y0, max(x0, x1), max(y0, y1))
 
+# %% ../nbs/04_crops.ipynb #a61bc415
 def body_from_face(face, width, height) -> tuple:
     "Estimated body box of an upright person with face box `face`: 3 face widths wide, 7 face heights tall."
     x0, y0, x1, y1 = face[:4]; fw, fh = x1 - x0, y1 - y0; cx = (x0 + x1) / 2
     return _clip((cx - 1.5 * fw, y0 - 0.25 * fh, cx + 1.5 * fw, y0 + 7 * fh), width, height)
 
+# %% ../nbs/04_crops.ipynb #95c38340
 def face_from_body(body, width, height) -> tuple:
     "Estimated face box of a person with box `body`: a square of side 0.4 x its shorter side, top centre."
     x0, y0, x1, y1 = body[:4]; s = 0.4 * min(x1 - x0, y1 - y0); cx = (x0 + x1) / 2
     return _clip((cx - s / 2, y0, cx + s / 2, y0 + s), width, height)
 
+# %% ../nbs/04_crops.ipynb #fd6e47e3
 def _largest(d) -> int: return int(np.lexsort((-d[:, 4], -(d[:, 2] - d[:, 0]) * (d[:, 3] - d[:, 1])))[0])
 
+# %% ../nbs/04_crops.ipynb #6f6a991f
 def choose_subject(faces, persons, width: int, height: int, rule: str = 'largest_face', min_face_in_body: float = 0.5,
                    on_nothing: str = 'whole') -> Subject:
     "One subject from the face and person detections of a `width` x `height` image (see the table above)."
@@ -338,6 +355,7 @@ class CropParams:
         if len(fill) != 3 or not all(0 <= v <= 255 for v in fill): bad('mask_fill', 'must be an RGB triple in 0..255')
         object.__setattr__(self, 'mask_fill', fill)
 
+# %% ../nbs/04_crops.ipynb #b1b6fb28
 def crop_box(box, width: int, height: int, margin: float = 0., square: bool = False) -> tuple:
     "Integer crop box: `box` grown by `margin` of its size per side, optionally squared, shifted inside the image, clipped."
     x0, y0, x1, y1 = (float(v) for v in box[:4])
@@ -351,11 +369,13 @@ def crop_box(box, width: int, height: int, margin: float = 0., square: bool = Fa
     bx1, by1 = min(max(int(math.ceil(x0 + w)), bx0 + 1), W), min(max(int(math.ceil(y0 + h)), by0 + 1), H)
     return (bx0, by0, bx1, by1)  # never empty
 
+# %% ../nbs/04_crops.ipynb #59396489
 def _shrink(im: Image.Image, max_side) -> Image.Image:
     if max_side is None or max(im.size) <= max_side: return im
     r = max_side / max(im.size)
     return im.resize((max(1, round(im.width * r)), max(1, round(im.height * r))), Image.Resampling.BICUBIC, reducing_gap=3.)
 
+# %% ../nbs/04_crops.ipynb #9b266360
 def crop_subject(image: Image.Image, subject: Subject, params: CropParams = CropParams()) -> tuple:
     "`({'face', 'body', 'context'}: PIL image, {level: integer box in the image})` for `subject` of RGB `image`."
     W, H = image.size
@@ -377,6 +397,7 @@ LEVELS = ('face', 'body', 'context')
 class ImageReadError(ValueError):
     "An image file that cannot be read or decoded."
 
+# %% ../nbs/04_crops.ipynb #722684ce
 @dataclass
 class CropResult:
     "The crops of one image: the subject, the crop boxes, the crop images (in memory) and/or their files in the cache."
@@ -398,8 +419,10 @@ class CropResult:
             with Image.open(self.paths[level]) as im: return image_to_8bit(im)
         raise ValueError(f"{self.source}: no {level} crop ({self.fallback}: {self.error or FALLBACKS.get(self.fallback, '')})")
 
+# %% ../nbs/04_crops.ipynb #c9a68f63
 def _sha(*parts) -> str: return hashlib.sha256('\x1f'.join(str(p) for p in parts).encode('utf-8')).hexdigest()
 
+# %% ../nbs/04_crops.ipynb #ddb83197
 def _read(item) -> tuple:
     "(source name, sha256 of the content, bytes or PIL image) of a path or PIL image; errors name the file."
     if isinstance(item, Image.Image):
@@ -411,6 +434,7 @@ def _read(item) -> tuple:
     except OSError as e: raise ImageReadError(f"cannot read image file {p}: {e}") from None
     return str(p), hashlib.sha256(data).hexdigest(), data
 
+# %% ../nbs/04_crops.ipynb #74b92072
 # if ultralytics was imported before emonb.crops, Image.open is its patched version: decode with Pillow's own
 _PIL_OPEN = (_PIL_OPEN if getattr(_PIL_OPEN, '__module__', '') == 'PIL.Image'
              else getattr(sys.modules.get('ultralytics.utils.patches'), '_image_open', _PIL_OPEN))
@@ -422,20 +446,24 @@ def _decode(source, data) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as e:
         raise ImageReadError(f"cannot decode image file {source}: {type(e).__name__}: {e}") from None
 
+# %% ../nbs/04_crops.ipynb #86c10680
 def _encode(im: Image.Image, fmt: str) -> bytes:
     b = io.BytesIO()
     if fmt == 'png': im.save(b, format='PNG', compress_level=1)
     else: im.save(b, format='JPEG', quality=95)
     return b.getvalue()
 
+# %% ../nbs/04_crops.ipynb #a9062c36
 def _subject_json(s: Subject) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(s).items()}
 
+# %% ../nbs/04_crops.ipynb #317b6bb7
 def _subject_from_json(d: dict) -> Subject:
     d = dict(d); d['face'], d['body'] = tuple(d['face']), tuple(d['body'])
     for k in ('face_score', 'body_score'): d[k] = float('nan') if d[k] is None else float(d[k])
     return Subject(**d)
 
+# %% ../nbs/04_crops.ipynb #e75fffa1
 class Cropper:
     "Face, body and context crops of images: batched detection, subject choice, cropping and an optional on-disk cache."
     def __init__(self, face_detector, person_detector, params: CropParams | None = None, cache_dir=None,
@@ -549,6 +577,7 @@ def default_cache_dir() -> Path:
     "`$EMONB_CACHE_DIR/crops`, else `~/.cache/emonb/crops`."
     return Path(os.environ.get('EMONB_CACHE_DIR') or Path.home()/'.cache'/'emonb').expanduser()/'crops'
 
+# %% ../nbs/04_crops.ipynb #5c2a7c9e
 BOX_COLUMNS = tuple(f'{lv}_{c}' for lv in ('face', 'body') for c in ('x0', 'y0', 'x1', 'y1'))
 
 def _as_detector(d, kind, **kw):
@@ -558,6 +587,7 @@ def _as_detector(d, kind, **kw):
         raise ValueError(f"{kind}_detector must be a path, None (the shared data default) or an object with detect() and identity; got {d!r}")
     return d
 
+# %% ../nbs/04_crops.ipynb #a205310e
 @records_outputs('out')
 def crop_table(table, out=None, *, face_detector=None, person_detector=None, cache_dir=None, root=None,
                params: CropParams | None = None, batch_size: int = 8, device: str = 'cpu', conf: float = 0.25,

@@ -41,6 +41,7 @@ PROBLEM_COLUMNS = ['path', 'problem', 'detail', 'action', 'severity']
 class DataError(ValueError):
     "A dataset has problems and the policy is 'raise'."
 
+# %% ../nbs/02_data.ipynb #d2b01405
 @dataclass
 class ProblemReport:
     "Problems found while reading a dataset, each with the path at fault and the action taken."
@@ -64,9 +65,11 @@ class ProblemReport:
         if len(df) > max_items: lines.append(f"  ... and {len(df) - max_items} more (see problem_report(table))")
         return '\n'.join(lines)
 
+# %% ../nbs/02_data.ipynb #fbbca679
 def _check_policy(policy):
     if policy not in POLICIES: raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
 
+# %% ../nbs/02_data.ipynb #47b364cb
 def _finish(rows: list, dataset: str, labels: LabelSet, root, report: ProblemReport, policy: str,
             extra_cols=(), excluded: dict = None) -> pd.DataFrame:
     "Build the sample table from `rows`; raise under policy 'raise' when problems were found."
@@ -82,10 +85,12 @@ def _finish(rows: list, dataset: str, labels: LabelSet, root, report: ProblemRep
                     excluded=dict(excluded or {}))
     return df
 
+# %% ../nbs/02_data.ipynb #374ed1fe
 def problem_report(df: pd.DataFrame) -> pd.DataFrame:
     "Every problem met while reading (and checking) the table `df`, with the action taken."
     return pd.DataFrame(df.attrs.get('problems', []), columns=PROBLEM_COLUMNS)
 
+# %% ../nbs/02_data.ipynb #a4691268
 def class_counts(df: pd.DataFrame) -> pd.DataFrame:
     "Samples per class (rows, in label-set order) and split (columns), including classes with no sample."
     names = label_set(df.attrs['label_set']).names
@@ -96,6 +101,7 @@ def class_counts(df: pd.DataFrame) -> pd.DataFrame:
 def _image_files(folder: Path) -> list:
     return sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
+# %% ../nbs/02_data.ipynb #0b4e17dc
 def read_class_folders(root, labels, splits: dict, dataset: str = None, policy: str = 'raise',
                        require_all_classes: bool = True) -> pd.DataFrame:
     "Sample table of a `root/<split folder>/<class folder>/<image>` layout; `splits` maps split folders to train/val/test."
@@ -153,6 +159,7 @@ def extract_archive(archive, dest=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True); raise
     return dest
 
+# %% ../nbs/02_data.ipynb #dc6bb851
 def read_fer2013(path, policy: str = 'raise', test_split: str = None, valid_pct: float = 0.1, seed: int = 0) -> pd.DataFrame:
     "FER2013 from its image archive or extracted folder (`Training/`, `PublicTest/`, `PrivateTest/` class folders). Default: PublicTest validates, PrivateTest tests. `test_split='PublicTest'` (or 'PrivateTest') tests on that folder and validates on a seeded stratified `valid_pct` of Training."
     path = Path(path)
@@ -199,6 +206,7 @@ def read_caer_s(root, policy: str = 'raise') -> pd.DataFrame:
     "CAER-S: `train/<Class>/`, `test/<Class>/` (and `val/<Class>/`) folders of scene images."
     return read_class_folders(root, 'caer_s', {'train': 'train', 'val': 'val', 'test': 'test'}, dataset='caer_s', policy=policy)
 
+# %% ../nbs/02_data.ipynb #ca09fcac
 def read_fedro(root, policy: str = 'raise') -> pd.DataFrame:
     "FED-RO: a test-only set of faces with real occlusions, in `<class>/` folders."
     return read_class_folders(root, 'fedro', {'.': 'test'}, dataset='fedro', policy=policy)
@@ -222,6 +230,7 @@ def emotion_folder_labels(folder_names, labels=None) -> LabelSet:
     return LabelSet('folders_' + '_'.join(order), tuple(order), tuple(next(n for n, c in canon.items() if c == e) for e in order),
                     description='the classes of a folder dataset')
 
+# %% ../nbs/02_data.ipynb #5464809b
 def read_emotion_folders(root, labels=None, split: str = 'test', policy: str = 'raise') -> pd.DataFrame:
     "A dataset of class folders `root/<emotion>/<image>` (any spellings: `happy`, `anger`, CK+'s `sadness`, ...), every image in `split`; its label set is `emotion_folder_labels` of the folder names."
     root = Path(root)
@@ -264,6 +273,7 @@ def class_balanced_weights(labels) -> np.ndarray:
     w = 1.0 / counts[inv]
     return w / w.sum()
 
+# %% ../nbs/02_data.ipynb #d488004c
 def read_affectnet(root, n_classes: int = 7, oversample: bool = False, check_files: bool = True,
                    policy: str = 'raise') -> pd.DataFrame:
     "AffectNet-7/-8 from `training.csv` / `validation.csv` and `Manually_Annotated_Images/`."
@@ -305,6 +315,7 @@ def ferplus_majority(votes) -> int:
     if v.sum() == 0 or v.max() <= 0.5 * v.sum(): return -1
     return int(v.argmax())
 
+# %% ../nbs/02_data.ipynb #2075c49f
 def read_ferplus(root, csv=None, check_files: bool = True, policy: str = 'raise') -> pd.DataFrame:
     "FERPlus (8 classes, majority vote) from `fer2013new.csv` and the `FER2013Train/Valid/Test` image folders."
     _check_policy(policy)
@@ -360,6 +371,7 @@ def _as_list(x) -> list:
     if isinstance(x, np.ndarray): return [o for o in x.ravel()]
     return [x]
 
+# %% ../nbs/02_data.ipynb #5ae6219b
 def _categories(x) -> list:
     "Category names from an annotations_categories / combined_categories field (struct(s) with .categories, or names)."
     out = []
@@ -367,6 +379,7 @@ def _categories(x) -> list:
         out += _categories(o.categories) if hasattr(o, 'categories') else [str(o)] if isinstance(o, str) else _categories(o)
     return out
 
+# %% ../nbs/02_data.ipynb #20863fe1
 def read_emotic(root, annotations=None, check_files: bool = True, policy: str = 'raise') -> pd.DataFrame:
     "EMOTIC: one row per annotated person from `Annotations.mat`, with 26-class multi-hot `labels` and `body_box`."
     from scipy.io import loadmat
@@ -395,6 +408,7 @@ def read_emotic(root, annotations=None, check_files: bool = True, policy: str = 
                              ' '.join(f"{v:g}" for v in box), j))
     return _finish(rows, 'emotic', labels, root, report, policy, extra_cols=('labels', 'body_box', 'person'))
 
+# %% ../nbs/02_data.ipynb #aec0582c
 def multi_hot(df: pd.DataFrame, labels=None) -> np.ndarray:
     "(n, K) 0/1 matrix of the `labels` column (canonical names joined by '|')."
     labels = label_set(labels or df.attrs['label_set'])
@@ -417,6 +431,7 @@ def _reroot_fn(paths: list, reroot):
     prefix = os.path.commonpath(paths) if len(paths) > 1 else str(Path(paths[0]).parent)
     return lambda p: str(Path(reroot)/os.path.relpath(p, prefix))
 
+# %% ../nbs/02_data.ipynb #61d43ff2
 def read_split_file(path, labels, split: str, fold=None, dataset: str = None, reroot=None,
                     policy: str = 'raise') -> pd.DataFrame:
     "Sample table of a `frame_dir n_frames label` split file (0-based labels), paths moved by `reroot`."
@@ -438,6 +453,7 @@ def read_split_file(path, labels, split: str, fold=None, dataset: str = None, re
     rows = [(dataset, move(d), k, labels.names[k], split, fold, path.name, nf) for d, nf, k in parsed]
     return _finish(rows, dataset, labels, path, report, policy, extra_cols=('n_frames',))
 
+# %% ../nbs/02_data.ipynb #41210d1a
 DFER_CLIP_SPLIT_FILES = {'dfew': 'DFEW_set_{fold}_{split}.txt', 'mafw': 'MAFW_set_{fold}_{split}.txt',
                          'ferv39k': 'FERV39K_{split}.txt'}
 
@@ -461,12 +477,14 @@ def read_dfer_clip_splits(source, dataset: str, fold=None, reroot=None, policy: 
 def _count_frames(folder: Path) -> int:
     return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else -1
 
+# %% ../nbs/02_data.ipynb #bdb44705
 def _frames_or_report(folder: Path, report: ProblemReport, detail: str = ''):
     "The number of frames in `folder`, or None after reporting a missing or empty folder."
     n = _count_frames(folder)
     if n <= 0: report.add(folder, 'missing frame folder' if n < 0 else 'empty frame folder', detail); return None
     return n
 
+# %% ../nbs/02_data.ipynb #664cb733
 def read_dfew(root, fold: int = 1, frames: str = 'clip_224x224', policy: str = 'raise') -> pd.DataFrame:
     "DFEW with its own split files (`EmoLabel_DataSplit`) and frame folders `Clip/<frames>/<nnnnn>/`."
     _check_policy(policy)
@@ -485,6 +503,7 @@ def read_dfew(root, fold: int = 1, frames: str = 'clip_224x224', policy: str = '
             rows.append(('dfew', str(folder), k, labels.names[k], split, fold, f.parent.name, n))
     return _finish(rows, 'dfew', labels, root, report, policy, extra_cols=('n_frames',))
 
+# %% ../nbs/02_data.ipynb #e573188a
 def read_afew(root, policy: str = 'raise') -> pd.DataFrame:
     "AFEW: `Train_AFEW/<Class>/<clip>/` and `Val_AFEW/<Class>/<clip>/` frame folders (Val = emonb's test split)."
     _check_policy(policy)
@@ -516,6 +535,7 @@ def _read_name_list(f: Path, labels: LabelSet, report: ProblemReport) -> list:
         except ValueError: report.add(f"{f}:{n}", 'unknown class', f"{parts[1]!r} is not a class of {labels.name}")
     return out
 
+# %% ../nbs/02_data.ipynb #80a23a7d
 def read_mafw(root, fold: int = 1, policy: str = 'raise') -> pd.DataFrame:
     "MAFW (11 single-expression classes) from `Train & Test Set/single/no_caption/set_<fold>/` and `data/frames/`."
     _check_policy(policy)
@@ -535,6 +555,7 @@ def read_mafw(root, fold: int = 1, policy: str = 'raise') -> pd.DataFrame:
             rows.append(('mafw', str(folder), k, labels.names[k], split, fold, f'set_{fold}', n))
     return _finish(rows, 'mafw', labels, root, report, policy, extra_cols=('n_frames',))
 
+# %% ../nbs/02_data.ipynb #1330d2a7
 def read_ferv39k(root, policy: str = 'raise') -> pd.DataFrame:
     "FERV39k from `4_setups/All_scenes/{train,test}_All.csv` and frame folders under `2_ClipsforFaceCrop/`."
     _check_policy(policy)
@@ -558,6 +579,7 @@ def _with_problems(df: pd.DataFrame, keep, report: ProblemReport, policy: str) -
     out.attrs = {**df.attrs, 'problems': list(df.attrs.get('problems', [])) + report.items}
     return out
 
+# %% ../nbs/02_data.ipynb #de40fea9
 def check_frames(df: pd.DataFrame, policy: str = 'raise') -> pd.DataFrame:
     "Compare `n_frames` with the frame folders on disk; report (and under 'repair' fix) every disagreement."
     _check_policy(policy)
@@ -587,6 +609,7 @@ def load_image(path, mode: str = 'RGB', allow_truncated: bool = False) -> Image.
             return image_to_8bit(im, mode)
     finally: ImageFile.LOAD_TRUNCATED_IMAGES = prev
 
+# %% ../nbs/02_data.ipynb #b9b4327e
 def check_images(df: pd.DataFrame, policy: str = 'raise') -> pd.DataFrame:
     "Open every image of the table: report missing, unreadable and truncated files, and images needing a mode conversion."
     _check_policy(policy)
@@ -641,6 +664,7 @@ def normalization(preset: str = 'imagenet') -> list:
     stats = NORMALIZATION_PRESETS[preset]
     return [] if stats is None else [Normalize.from_stats(*stats)]
 
+# %% ../nbs/02_data.ipynb #75d8cead
 def augmentation(preset: str, size: int) -> tuple:
     "(item_tfms, batch_tfms) of an augmentation preset for square images of side `size` (training only; validation just resizes)."
     if preset not in AUGMENTATION_PRESETS: raise ValueError(f"augmentation preset must be one of {AUGMENTATION_PRESETS}, got {preset!r}")
@@ -656,6 +680,7 @@ def _row_image(row) -> PILImage:
     "The image of a table row, as a fastai PILImage"
     return PILImage(load_image(row['path'], allow_truncated=bool(row.get('truncated', False))))
 
+# %% ../nbs/02_data.ipynb #6a2c1ece
 def train_val_rows(df: pd.DataFrame) -> pd.DataFrame:
     "The train and val rows of a sample table with an `is_valid` column (for fastai's `ColSplitter`); errors if either is missing (test rows are never used)."
     for c in ('path', 'split'):
@@ -670,6 +695,7 @@ def train_val_rows(df: pd.DataFrame) -> pd.DataFrame:
     tv['is_valid'] = tv.split == 'val'
     return tv
 
+# %% ../nbs/02_data.ipynb #d462cddc
 def target_block(df, labels, multi_label: bool = False) -> tuple:
     "(fastai target block, get_y) of a sample table: `CategoryBlock` on `label_name` in the label set's order, or `MultiCategoryBlock` on `labels` ('|'-joined)."
     labels = label_set(labels or df.attrs.get('label_set'))
@@ -678,6 +704,7 @@ def target_block(df, labels, multi_label: bool = False) -> tuple:
         return MultiCategoryBlock(vocab=list(labels.names)), (lambda r: r['labels'].split('|'))
     return CategoryBlock(vocab=list(labels.names), sort=False), (lambda r: r['label_name'])
 
+# %% ../nbs/02_data.ipynb #da1e0479
 def image_dataloaders(df: pd.DataFrame, size: int = 224, bs: int = 64, augment: str = 'fer', normalize: str = 'imagenet',
                       labels=None, multi_label: bool = False, weighted: bool = False, num_workers: int = 0, **kw):
     "fastai DataLoaders of single images from a sample table (train rows train, val rows validate)."
@@ -692,6 +719,7 @@ def image_dataloaders(df: pd.DataFrame, size: int = 224, bs: int = 64, augment: 
         return block.weighted_dataloaders(tv, wgts=w / w.sum(), bs=bs, num_workers=num_workers, **kw)
     return block.dataloaders(tv, bs=bs, num_workers=num_workers, **kw)
 
+# %% ../nbs/02_data.ipynb #0920d13f
 def split_dataloader(dls, df: pd.DataFrame, split: str = 'test'):
     "A DataLoader over the `split` rows of `df` with labels, using the validation transforms of `dls`."
     rows = df[df.split == split].reset_index(drop=True)
@@ -702,6 +730,7 @@ def split_dataloader(dls, df: pd.DataFrame, split: str = 'test'):
 @lru_cache(maxsize=16)
 def _decoded(path: str, truncated: bool): return load_image(path, allow_truncated=truncated)
 
+# %% ../nbs/02_data.ipynb #19656011
 def parse_box(box, where='') -> tuple:
     "(x0, y0, x1, y1) floats from an 'x0 y0 x1 y1' string or a sequence; error naming the sample if malformed."
     try:
@@ -710,6 +739,7 @@ def parse_box(box, where='') -> tuple:
     except Exception: raise ValueError(f"bad box {box!r}{' for ' + str(where) if where else ''}: expected 'x0 y0 x1 y1' with x1 > x0, y1 > y0")
     return b
 
+# %% ../nbs/02_data.ipynb #646eb391
 class LevelCrop(Transform):
     "A table row -> the PILImage of one level (face / body / context) of its image."
     def __init__(self, level: str, context: str = 'whole'):
@@ -728,6 +758,7 @@ class LevelCrop(Transform):
         box = parse_box(row[f'{self.level}_box'], row['path'])
         return PILImage(im.crop(tuple(int(round(v)) for v in box)))
 
+# %% ../nbs/02_data.ipynb #e2335f76
 def multilevel_dataloaders(df: pd.DataFrame, size: int = 224, bs: int = 16, context: str = 'whole', augment: str = 'mlper',
                            normalize: str = 'clip', labels=None, multi_label: bool = False, num_workers: int = 0, **kw):
     "fastai DataLoaders yielding (face, body, context, y) crops of each row's image."
@@ -785,6 +816,7 @@ def _check_clip_augment(preset: str) -> str:
     if preset not in CLIP_AUGMENTATIONS: raise ValueError(f"clip augmentation must be one of {list(CLIP_AUGMENTATIONS)}, got {preset!r}")
     return preset
 
+# %% ../nbs/02_data.ipynb #37e3205e
 def _sized_crop_box(w: int, h: int, size: int, rng) -> tuple:
     "DFER-CLIP's random-sized crop of a w x h frame: ((x0, y0, cw, ch), None), or after 10 misses ((x0, y0, size, size), (w', h')): shortest side resized to `size`, then a random square."
     for _ in range(10):
@@ -796,6 +828,7 @@ def _sized_crop_box(w: int, h: int, size: int, rng) -> tuple:
     nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     return (rng.randint(0, nw - size), rng.randint(0, nh - size), size, size), (nw, nh)
 
+# %% ../nbs/02_data.ipynb #94136670
 def clip_augment_params(preset: str, w: int, h: int, size: int, rng=None, train_scale: float = 0.8) -> dict:
     "The random draws of one clip's training augmentation `preset` for w x h frames, in the order its steps run: brightness factor, rotation angle (degrees, counter-clockwise), crop, flip."
     rng, p = rng or random, {}
@@ -809,6 +842,7 @@ def clip_augment_params(preset: str, w: int, h: int, size: int, rng=None, train_
         elif step == 'flip': p[step] = rng.random() < 0.5
     return p
 
+# %% ../nbs/02_data.ipynb #bb41988b
 def augment_clip(ims: list, preset: str, size: int, rng=None, train_scale: float = 0.8, params: dict = None) -> list:
     "The frames (PIL images) of one clip, augmented for training with `preset` (the same draw for every frame) and resized to size x size."
     w, h = ims[0].size
@@ -828,6 +862,7 @@ def augment_clip(ims: list, preset: str, size: int, rng=None, train_scale: float
 class TensorClip(TensorBase):
     "A clip of T frames, (T, C, H, W)."
 
+# %% ../nbs/02_data.ipynb #83767e03
 class LoadClip(Transform):
     "A table row -> TensorClip of T frames sampled TSN-style (random per segment on the training set, centres otherwise), augmented for training with a `CLIP_AUGMENTATIONS` preset."
     def __init__(self, n_frames: int = 16, size: int = 112, pad: str = 'last', train_scale: float = 0.8, augment: str = 'emonb',
@@ -848,6 +883,7 @@ class LoadClip(Transform):
         arr = np.stack([np.asarray(im) for im in ims])
         return TensorClip(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous())
 
+# %% ../nbs/02_data.ipynb #a93ff051
 class ClipToFloat(Transform):
     "uint8 clips -> float in [0, 1], normalised with `stats` (mean, std) per channel."
     order = 10
@@ -862,9 +898,12 @@ class ClipToFloat(Transform):
 # %% ../nbs/02_data.ipynb #c356adc2
 class LoadTrainClip(LoadClip):
     split_idx, training = 0, True
+
+# %% ../nbs/02_data.ipynb #0d136543
 class LoadEvalClip(LoadClip):
     split_idx, training = 1, False
 
+# %% ../nbs/02_data.ipynb #1e22ccf7
 def clip_dataloaders(df: pd.DataFrame, n_frames: int = 16, size: int = 112, bs: int = 8, pad: str = 'last',
                      normalize: str = 'clip', labels=None, num_workers: int = 0, augment: str = 'emonb', sampling: str = 'even', **kw):
     "fastai DataLoaders yielding (clips (B, T, C, H, W), y) from a table of frame folders, TSN-sampled (`sampling`), training clips augmented with the preset `augment`."

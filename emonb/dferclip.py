@@ -107,10 +107,12 @@ def dferclip_param_groups(model: DFERCLIP) -> dict:
     if stray: raise ValueError(f"trainable parameters outside the image encoder, temporal model and context: {stray[:5]} (the text tower must be frozen)")
     return groups
 
+# %% ../nbs/11_dferclip.ipynb #d6507c3e
 def dferclip_splitter(model: DFERCLIP) -> list:
     "Parameter groups for `make_learner` in the order image, temporal, context, leaving out empty ones (frozen image encoder, no temporal model)."
     return [g for g in dferclip_param_groups(model).values() if g]
 
+# %% ../nbs/11_dferclip.ipynb #529437e9
 def dferclip_config(model: DFERCLIP = None, epochs: int = 50, milestones: tuple = None, variant: str = None, **kw) -> TrainConfig:
     "The recipe: SGD m 0.9 wd 1e-4, lr 1e-5 / 1e-2 / 1e-3 (image / temporal / context; the groups `model` trains), x0.1 at epochs 30 and 40 of 50; the epoch kept and the precision by `variant` (default: the model's, else 'official')."
     variant = check_variant(variant or getattr(model, 'variant', None) or 'official', 'DFER-CLIP')
@@ -134,12 +136,14 @@ def dferclip_augment(labels, variant: str = 'official') -> str:
     name = label_set(labels).name
     return name if name in ('dfew', 'ferv39k', 'mafw') else 'mafw'   # other data: the crop and flip all three official recipes share
 
+# %% ../nbs/11_dferclip.ipynb #b19dd1f4
 def _use_clip_stats(dls, stats):
     "Set the normalisation of clip DataLoaders (their ClipToFloat, shared by train/valid/test) to `stats` (mean, std), or None for [0, 1] pixels."
     found = [f for dl in dls.loaders for f in dl.after_batch.fs if isinstance(f, ClipToFloat)]
     if not found: raise ValueError("these DataLoaders have no ClipToFloat transform (not made by clip_dataloaders?)")
     for f in found: f.stats = None if stats is None else tuple(tuple(float(v) for v in s) for s in stats)
 
+# %% ../nbs/11_dferclip.ipynb #391be5ca
 @records_outputs('folder')
 def train_dferclip(df: pd.DataFrame, clip: ClipEncoder, folder, labels=None, texts: list = None, prompt: str = 'description',
                    n_frames: int = 16, size: int = None, bs: int = DFERCLIP_BATCH_SIZE, config: TrainConfig = None,
@@ -195,6 +199,7 @@ def world_clips(world: SyntheticWorld, n: int, split: str = 'train', n_frames: i
     clips = np.stack([np.stack([np.asarray(f.convert('RGB')) for f in world.render_clip(s, n_frames, apex_frames, size=size)]) for s in scenes])
     return clips, np.array([ls.index(s.label) for s in scenes])
 
+# %% ../nbs/11_dferclip.ipynb #9c258133
 @torch.no_grad()
 def encode_frames(clip: ClipEncoder, clips: np.ndarray, batch_size: int = 64, normalize: bool = False) -> torch.Tensor:
     "Frame embeddings (n, T, D) of uint8 clips (n, T, H, W, 3) by the CLIP image encoder: pixels in [0, 1] as DFER-CLIP's code feeds them, or (`normalize`) normalised with the CLIP's statistics (emonb's variant)."
@@ -208,6 +213,7 @@ def encode_frames(clip: ClipEncoder, clips: np.ndarray, batch_size: int = 64, no
         out.append(clip.encode_clip(((x - mean) / std if normalize else x).to(clip.device), normalize=False).float().cpu())
     return torch.cat(out)
 
+# %% ../nbs/11_dferclip.ipynb #d87bed04
 def feature_dataloaders(train: tuple, valid: tuple, bs: int = 32, device=None):
     "fastai DataLoaders of (frame features (T, D), label): `train` and `valid` are (features (n, T, D), labels (n,))."
     from fastai.data.core import DataLoaders
@@ -218,6 +224,7 @@ def feature_dataloaders(train: tuple, valid: tuple, bs: int = 32, device=None):
         return list(zip(torch.as_tensor(x, dtype=torch.float32), y))
     return DataLoaders(DataLoader(items(train, 'train'), bs=bs, shuffle=True), DataLoader(items(valid, 'valid'), bs=max(bs, 64)), device=device)
 
+# %% ../nbs/11_dferclip.ipynb #ea13c322
 class BestInMemory(Callback):
     "Keep the trainable parameters of the best epoch on `monitor` (validation) in memory; `restore()` puts them back."
     order = 61   # after the Recorder has the epoch's validation metrics
@@ -236,6 +243,7 @@ class BestInMemory(Callback):
                 if n in self.state: p.copy_(self.state[n])
         return dict(epoch=self.best_epoch, value=self.best, monitor=self.monitor)
 
+# %% ../nbs/11_dferclip.ipynb #f92ab4a3
 def train_on_features(model: DFERCLIP, train: tuple, valid: tuple, test: tuple = None, config: TrainConfig = None,
                       bs: int = 32, labels='dfew', quiet: bool = True) -> tuple:
     "Train a DFER-CLIP with a frozen image encoder on cached frame features (n, T, D); best epoch on `valid`, `test` scored once. Returns (learn, test metrics or None)."

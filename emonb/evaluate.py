@@ -31,6 +31,7 @@ def _names(labels) -> tuple:
     if isinstance(labels, str): return label_set(labels).names
     return tuple(labels)
 
+# %% ../nbs/09_evaluate.ipynb #df726347
 def _clean(x):
     "JSON-safe: NaN -> None, numpy scalars -> Python"
     if isinstance(x, dict): return {k: _clean(v) for k, v in x.items()}
@@ -39,6 +40,7 @@ def _clean(x):
     if isinstance(x, np.integer): return int(x)
     return x
 
+# %% ../nbs/09_evaluate.ipynb #7c30d366
 def evaluate_predictions(targets, scores, labels) -> dict:
     "WAR, UAR, per-class recall and the confusion matrix of single-label `scores` (n, K) against `targets`."
     names = _names(labels)
@@ -57,6 +59,7 @@ def _title(title: str = None, subtitle: str = None) -> str:
     "`title` and `subtitle` on two lines (either may be missing)."
     return '\n'.join(t for t in (title, subtitle) if t)
 
+# %% ../nbs/09_evaluate.ipynb #0d696e18
 def plot_confusion(cm, labels, normalize: bool = True, title: str = None, figsize=(6, 5), subtitle: str = None) -> Figure:
     "A seaborn heat-map of confusion matrix `cm` (rows = true class), row-normalised by default; `subtitle` (e.g. which data) goes under the title."
     names = _names(labels)
@@ -115,6 +118,7 @@ def _as_probs(out: torch.Tensor, multi_label: bool = False) -> torch.Tensor:
     sums = out.sum(1)
     return out if (out.min() >= 0 and torch.allclose(sums, torch.ones_like(sums), atol=1e-3)) else torch.softmax(out, 1)
 
+# %% ../nbs/09_evaluate.ipynb #b9d1e678
 def evaluate_learner(learn, dl, labels, folder, run: dict = None, best: bool = True, multi_label: bool = False,
                      items=None, overwrite: bool = False) -> dict:
     "Load the best-on-validation weights, predict `dl` (the test split) once, write the report; return the metrics."
@@ -138,6 +142,7 @@ def evaluate_multilabel(targets, scores, labels) -> dict:
     return _clean(dict(n=len(s), mAP=mean_average_precision(t, s), ap=dict(zip(names, ap)),
                        positives=dict(zip(names, t.sum(0).astype(int))), classes=list(names)))
 
+# %% ../nbs/09_evaluate.ipynb #0ffc1e86
 @records_outputs('folder')
 def write_multilabel_report(folder, targets, scores, labels, items=None, run: dict = None, overwrite: bool = False,
                             subtitle: str = None) -> dict:
@@ -192,6 +197,7 @@ def cross_dataset_scores(scores, model_labels, test_labels, missing: str = 'rais
         out = np.divide(out, total, out=np.full_like(out, 1 / len(dst)), where=total > 0)
     return out, dropped, absent
 
+# %% ../nbs/09_evaluate.ipynb #77c77ef9
 def evaluate_cross_dataset(targets, scores, model_labels, test_labels, missing: str = 'raise') -> dict:
     "Metrics of a model trained on `model_labels` on a test set labelled in `test_labels` (targets are test-set indices)."
     s, dropped, absent = cross_dataset_scores(scores, model_labels, test_labels, missing)
@@ -223,6 +229,7 @@ def _name_parts(name) -> tuple:
     if stem.lower().endswith('_aligned'): stem = stem[:-len('_aligned')]
     return tuple(p.lower() for p in parts[:-1]) + (stem.lower(),)
 
+# %% ../nbs/09_evaluate.ipynb #55cd4ad5
 def _suffix_index(items) -> dict:
     "Every trailing run of path components of every item -> the item indices that end with it."
     index = {}
@@ -231,6 +238,7 @@ def _suffix_index(items) -> dict:
         for d in range(1, len(parts) + 1): index.setdefault(parts[-d:], []).append(i)
     return index
 
+# %% ../nbs/09_evaluate.ipynb #c59e22f9
 def _lookup(parts: tuple, index: dict, name, source):
     for d in range(len(parts), 0, -1):
         hit = index.get(parts[-d:])
@@ -241,6 +249,7 @@ def _lookup(parts: tuple, index: dict, name, source):
         return hit[0]
     return None
 
+# %% ../nbs/09_evaluate.ipynb #01131e7c
 def match_subset(names, items, unknown: str = 'raise', source: str = 'subset list') -> tuple:
     "(boolean mask over `items`, summary dict) of the samples named in `names` (see the matching rules above)."
     if unknown not in ('raise', 'count'): raise ValueError(f"unknown must be 'raise' or 'count', got {unknown!r}")
@@ -270,6 +279,7 @@ class ColumnSubsets:
     above: list | None = None
     absolute: bool = False
 
+# %% ../nbs/09_evaluate.ipynb #6cfff74c
 def by_column(column: str, bins=None, above=None, absolute: bool = False) -> ColumnSubsets:
     "Subsets of the samples by the values of `column` (categorical), its `bins`, or thresholds `above` (of |value| with `absolute`)."
     if bins is not None and above is not None: raise ValueError("by_column takes bins or above, not both")
@@ -278,8 +288,10 @@ def by_column(column: str, bins=None, above=None, absolute: bool = False) -> Col
     return ColumnSubsets(column, None if bins is None else [float(b) for b in bins],
                          None if above is None else [float(a) for a in above], absolute)
 
+# %% ../nbs/09_evaluate.ipynb #5b11574a
 def _num(x) -> str: return f"{x:g}"
 
+# %% ../nbs/09_evaluate.ipynb #7f22f810
 def column_subsets(values, spec: ColumnSubsets, name: str | None = None) -> dict:
     "name -> boolean mask over `values` for each subset described by `spec` (names are prefixed with `name`, default the column)."
     v = pd.Series(values).reset_index(drop=True)
@@ -308,6 +320,7 @@ class SubsetMasks:
     info: dict
     n: int
 
+# %% ../nbs/09_evaluate.ipynb #5d779883
 def _mask(m, n: int, name: str, samples=None) -> np.ndarray:
     if isinstance(m, pd.Series) and samples is not None and m.index.isin(samples.index).all() and len(m) != n:
         m = m.reindex(samples.index)                                      # a mask over the whole table: keep the evaluated rows
@@ -318,6 +331,7 @@ def _mask(m, n: int, name: str, samples=None) -> np.ndarray:
         a = a.astype(bool)
     return a
 
+# %% ../nbs/09_evaluate.ipynb #b6d46e7e
 def resolve_subsets(subsets, items=None, samples: pd.DataFrame = None, unknown: str = 'raise', n: int | None = None) -> SubsetMasks:
     "Boolean masks over the evaluated samples for a dict `name -> spec` (list file, names, by_column, mask or callable)."
     if isinstance(subsets, SubsetMasks):
@@ -352,6 +366,7 @@ def resolve_subsets(subsets, items=None, samples: pd.DataFrame = None, unknown: 
         else: add(name, _mask(spec, n, name, samples), dict(kind='mask', source='mask'))
     return SubsetMasks(masks, info, n)
 
+# %% ../nbs/09_evaluate.ipynb #cb020574
 def subset_metrics(targets, scores, labels, subsets, items=None, samples: pd.DataFrame = None, unknown: str = 'raise') -> pd.DataFrame:
     "One row for the whole set ('all') and one per subset: n, fraction, WAR, UAR (and, for lists, listed / duplicates / unknown)."
     names, t, s = _names(labels), _np(targets).astype(int), _np(scores)
@@ -369,6 +384,7 @@ def subset_metrics(targets, scores, labels, subsets, items=None, samples: pd.Dat
     df.attrs['unknown_examples'] = {k: v['unknown_examples'] for k, v in sub.info.items() if v.get('unknown_examples')}
     return df
 
+# %% ../nbs/09_evaluate.ipynb #ef762114
 def subsets_json(table: pd.DataFrame) -> dict:
     "The per-subset table as JSON-safe `{subset: {kind, n, fraction, war, uar, ...}}` (the `subsets` key of metrics.json)."
     ex = table.attrs.get('unknown_examples', {})
@@ -425,6 +441,7 @@ def _find_synth_root(df: pd.DataFrame):
         if (p/'emonb_synth.json').is_file(): return p
     raise FileNotFoundError(f"no emonb_synth.json in {start} or its parents: the dataset was not written by emonb.synth.write_dataset")
 
+# %% ../nbs/09_evaluate.ipynb #133a01ba
 def synth_nuisance_columns(df: pd.DataFrame, root=None) -> pd.DataFrame:
     "`df` (a reader's table of a dataset written by emonb.synth) with each sample's occlusion, yaw, roll, intensity, blur and noise."
     root = Path(root) if root is not None else _find_synth_root(df)

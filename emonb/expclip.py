@@ -104,12 +104,14 @@ class SquashResize:
         return torch.from_numpy(pixels).permute(2, 0, 1).float().div(255.)
     def __repr__(self): return f"SquashResize({self.size})"
 
+# %% ../nbs/12_expclip.ipynb #8f8f0b56
 def read_rgb(path):
     "An image file as 8-bit RGB, as the official loaders read it (PIL's `convert('RGB')`: alpha dropped), but with 16-bit and float images scaled by `image_to_8bit`."
     from PIL import Image
     if not Path(path).is_file(): raise FileNotFoundError(f"image file {path} does not exist")
     with Image.open(path) as im: return image_to_8bit(im, transparency='ignore')
 
+# %% ../nbs/12_expclip.ipynb #efdfef24
 def expclip_transform(clip: ClipEncoder, variant: str = 'official', inputs: str = None):
     "PIL image -> CLIP input of a variant: 'squash' (official, paper: `SquashResize(clip.image_size)`) or 'clip' (emonb: the CLIP's own preprocess)."
     o = expclip_options(variant, inputs=inputs)
@@ -117,15 +119,18 @@ def expclip_transform(clip: ClipEncoder, variant: str = 'official', inputs: str 
     if clip.preprocess is None: raise ValueError(f"CLIP {clip.name!r} has no preprocess transform: use inputs='squash' or give the ClipEncoder one")
     return clip.preprocess
 
+# %% ../nbs/12_expclip.ipynb #f8a2d43d
 def _reader(transform):
     "How files are opened for `transform`: as the official loaders do for the squash input, with emonb's `load_image` otherwise."
     from emonb.data import load_image
     return read_rgb if isinstance(transform, SquashResize) else load_image
 
+# %% ../nbs/12_expclip.ipynb #d8bce190
 def _transform_id(transform) -> str:
     "Cache identity of an input transform (its repr, whitespace folded)."
     return re.sub(r'\s+', ' ', repr(transform))
 
+# %% ../nbs/12_expclip.ipynb #41b2eb15
 def expclip_frame_indices(n: int, t: int = 16, variant: str = 'official', frames: str = None) -> list:
     "The T frame indices an evaluation reads from an N-frame clip: official — segment centres if N > T, else frame 0 T times; 'tsn' — emonb's `tsn_indices`."
     from emonb.data import tsn_indices
@@ -152,6 +157,7 @@ class Teacher:
     def __call__(self, images) -> torch.Tensor: return self.encode(images)
     def __repr__(self): return f"{type(self).__name__}(name={self.name!r}, dim={self.dim})"
 
+# %% ../nbs/12_expclip.ipynb #3cd576d6
 class FunctionTeacher(Teacher):
     "Any function `images -> (B, dim)` as a teacher; `fingerprint` must change when the function's outputs would."
     def __init__(self, fn, dim: int, name: str = 'function', fingerprint: str = ''):
@@ -163,8 +169,10 @@ class FunctionTeacher(Teacher):
         return F.normalize(out, dim=-1)
     def fingerprint(self) -> str: return self._fp
 
+# %% ../nbs/12_expclip.ipynb #376eac6d
 def _stable_item(it) -> bool: return isinstance(it, (str, Path, Scene, int, np.integer, tuple))
 
+# %% ../nbs/12_expclip.ipynb #ff6c98cc
 def teacher_targets(teacher: Teacher, items, cache: FeatureCache = None, batch_size: int = 64, device=None,
                     progress: bool = False) -> np.ndarray:
     "e_G of `items` (n, teacher.dim) by `teacher`, computed once and then read from `cache` (a memory-mapped array)."
@@ -186,6 +194,7 @@ def _folder_fingerprint(path: Path) -> str:
         else: st = f.stat(); h.update(f"{st.st_size}:{int(st.st_mtime)}".encode())
     return h.hexdigest()[:16]
 
+# %% ../nbs/12_expclip.ipynb #efaf68a6
 def _image_list(images, read=None) -> list:
     from emonb.data import load_image
     from PIL import Image
@@ -200,6 +209,7 @@ def _image_list(images, read=None) -> list:
         else: raise TypeError(f"an image must be a file path or a PIL image, got {type(im).__name__}")
     return out
 
+# %% ../nbs/12_expclip.ipynb #68149a30
 class BLIP2FlanT5Teacher(Teacher):
     "Exp-CLIP's teacher: BLIP-2 image tokens + the tokenised instruction through the Flan-T5 encoder; mean over tokens, L2-normalised."
     name = 'blip2-flant5-encoder'
@@ -280,8 +290,10 @@ def world_fingerprint(world: SyntheticWorld) -> str:
     "A short hash of a world's seed and parameters (its images are a pure function of them)."
     return hashlib.sha256(json.dumps(dict(seed=world.seed, params=asdict(world.params)), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+# %% ../nbs/12_expclip.ipynb #9ebc810e
 def _join_phrases(ps): return ps[0] if len(ps) == 1 else ', '.join(ps[:-1]) + ' and ' + ps[-1]
 
+# %% ../nbs/12_expclip.ipynb #467e6612
 class DescriptionTeacher(Teacher):
     "The synthetic world's label-free teacher: a frozen text encoder on the world's description of what each face shows."
     WHAT = ('actions', 'caption')
@@ -327,13 +339,16 @@ def clip_id(clip: ClipEncoder) -> str:
     "Cache identity of a CLIP model: its name and a fingerprint of its weights."
     return f"{clip.name}:{weights_fingerprint(clip.model)}"
 
+# %% ../nbs/12_expclip.ipynb #9e01ba21
 def _encode_images(clip):
     return lambda x: clip.encode_image(x, normalize=False)
 
+# %% ../nbs/12_expclip.ipynb #0a9ddfb3
 def _input_transform(clip, variant, transform):
     check_variant(variant, 'Exp-CLIP')
     return transform if transform is not None else expclip_transform(clip, variant)
 
+# %% ../nbs/12_expclip.ipynb #ba999417
 def clip_image_features(clip: ClipEncoder, paths, cache: FeatureCache = None, batch_size: int = 128, progress: bool = False,
                         variant: str = 'official', transform=None) -> np.ndarray:
     "Un-normalised CLIP embeddings (n, D) of image files through the variant's input transform (or `transform`), cached."
@@ -344,6 +359,7 @@ def clip_image_features(clip: ClipEncoder, paths, cache: FeatureCache = None, ba
     return cache.get(paths, _encode_images(clip), clip_id(clip), f"files:{_transform_id(transform)}", load=load, batch_size=batch_size,
                      device=clip.device, progress=progress)
 
+# %% ../nbs/12_expclip.ipynb #1b4ca66c
 def world_image_features(clip: ClipEncoder, world: SyntheticWorld, scenes, n_frames: int = None, cache: FeatureCache = None,
                          size: int = None, batch_size: int = 128, variant: str = 'official', transform=None) -> np.ndarray:
     "Un-normalised CLIP embeddings of the world's face crops (n, D), or of `n_frames`-frame face clips (n, T, D); cached."
@@ -371,6 +387,7 @@ def expclip_config(variant: str = 'official', **overrides) -> TrainConfig:
     if bad: raise ValueError(f"{', '.join(bad)}: not TrainConfig field(s)")
     return TrainConfig(**{**base, **overrides})
 
+# %% ../nbs/12_expclip.ipynb #f7c71d1d
 EXPCLIP_RECIPE = expclip_config('official')
 
 def expclip_scale(clip: ClipEncoder, variant: str = 'official', scale=None) -> float:
@@ -381,6 +398,7 @@ def expclip_scale(clip: ClipEncoder, variant: str = 'official', scale=None) -> f
     if ls is None: raise ValueError(f"scale='clip' needs a CLIP with a logit_scale; {getattr(clip, 'name', clip)!r} has none: pass scale= (a number)")
     return float(torch.as_tensor(ls).detach().float().exp())
 
+# %% ../nbs/12_expclip.ipynb #dfecee52
 def projection_dataloaders(e_I, e_G, bs: int = 512, valid_pct: float = 0., seed: int = 0, device=None):
     "fastai DataLoaders of (e_I, e_G) pairs; a random `valid_pct` of the pairs is held out (none when 0; no labels involved)."
     from fastai.data.core import DataLoaders
@@ -395,6 +413,7 @@ def projection_dataloaders(e_I, e_G, bs: int = 512, valid_pct: float = 0., seed:
     valid = DataLoader(list(zip(x[va], g[va])), bs=max(1, min(bs, n_val)))
     return DataLoaders(train, valid, device=device or default_device())
 
+# %% ../nbs/12_expclip.ipynb #619db243
 def train_projection(e_I, e_G, config: TrainConfig = None, bs: int = 512, loss: str = None, scale: float = None,
                      valid_pct: float = None, bias: bool = False, path='.', device=None, cbs=None, variant: str = 'official'):
     "Learn Exp-CLIP's projection from cached CLIP embeddings `e_I` to cached teacher targets `e_G` with `variant`'s loss, scale and held-out part; returns the fastai Learner."
@@ -412,6 +431,7 @@ def train_projection(e_I, e_G, config: TrainConfig = None, bs: int = 512, loss: 
     fit(learn, config, quiet=True)
     return learn
 
+# %% ../nbs/12_expclip.ipynb #b3fc5d78
 def epoch_losses(learn) -> dict:
     "Per-epoch training and held-out losses of a projection Learner (held-out: None when no pair was held out)."
     vals = learn.recorder.values
@@ -435,6 +455,7 @@ def class_text_features(clip: ClipEncoder, texts) -> torch.Tensor:
     flat = [t for ts in per_class for t in ts]
     return clip.encode_text(flat, normalize=False).float().cpu().view(len(per_class), m.pop(), -1)
 
+# %% ../nbs/12_expclip.ipynb #1a55d13e
 @torch.no_grad()
 def zero_shot_logits(image_features, text_features, projection: ExpCLIPProjection = None, scale: float = 100.) -> torch.Tensor:
     "(B, K) logits scale·cos(P(e_I), P(e_T)) averaged over each class's templates; (B, T, D) clips are mean-pooled after P."
@@ -468,6 +489,7 @@ class ExpCLIP(nn.Module):
         e = self.clip.encode_clip(images, normalize=False) if images.ndim == 5 else self.clip.encode_image(images, normalize=False)
         return zero_shot_logits(e, text_features, self.projection, self.scale)
 
+# %% ../nbs/12_expclip.ipynb #a8cdf49f
 PROMPT_KINDS = ('name', 'expression', 'photo', 'ensemble5', 'ensemble10')
 
 def zero_shot_table(image_features, targets, text_features: dict, projections: dict, scale: float = 100.) -> pd.DataFrame:
@@ -482,6 +504,7 @@ def zero_shot_table(image_features, targets, text_features: dict, projections: d
         rows.append(row)
     return pd.DataFrame(rows).set_index('prompts')
 
+# %% ../nbs/12_expclip.ipynb #9f0c7289
 def expclip_text_features(clip: ClipEncoder, labels, kinds=PROMPT_KINDS, variant: str = 'official', prompts: str = None) -> dict:
     "{prompt kind: (K, M, D) text features} of a variant's prompts: the official code's ensembles, or the paper's appendix-A templates."
     o = expclip_options(variant, prompts=prompts)
@@ -538,6 +561,7 @@ def save_projection(projection: ExpCLIPProjection, path, meta: dict = None) -> P
     from safetensors.torch import save
     return atomic_write_bytes(path, save(sd, metadata={'emonb': json.dumps(meta or {}, default=str)}))
 
+# %% ../nbs/12_expclip.ipynb #3d15f932
 def _read_state(path: Path) -> tuple:
     "(state dict, emonb metadata or None) of a safetensors file or a torch state-dict file."
     if path.suffix == '.safetensors':
@@ -554,6 +578,7 @@ def _read_state(path: Path) -> tuple:
                          f"of tensors (the official code saves projection_head.state_dict())")
     return sd, None
 
+# %% ../nbs/12_expclip.ipynb #ebe15f81
 def load_projection(path, device='cpu', clip_dim: int = None) -> tuple:
     "(ExpCLIPProjection, metadata dict) from a file of `save_projection` (safetensors) or of the official code (`.pth` with `mlp.weight`)."
     path = Path(path)
@@ -582,6 +607,7 @@ def load_projection(path, device='cpu', clip_dim: int = None) -> tuple:
     if meta is None: meta = dict(format='official' if 'mlp.weight' in key else 'state dict', key=key, file=str(path))
     return p.to(device).eval(), meta
 
+# %% ../nbs/12_expclip.ipynb #40aadaa7
 def clip_video_features(clip: ClipEncoder, folders, n_frames: int = 16, cache: FeatureCache = None, batch_size: int = 16,
                         variant: str = 'official', transform=None, frames: str = None) -> np.ndarray:
     "Un-normalised CLIP embeddings (n, T, D) of frame folders: T frames sampled as `variant` says (or `frames`), through its input transform (or `transform`), cached."
@@ -600,6 +626,7 @@ def clip_video_features(clip: ClipEncoder, folders, n_frames: int = 16, cache: F
                   f"frames:{n_frames}:{how}:{_transform_id(pre)}", load=load, batch_size=batch_size, device=clip.device)
     return np.asarray(f).reshape(len(folders), n_frames, -1)
 
+# %% ../nbs/12_expclip.ipynb #a569da7d
 @records_outputs('out')
 def fit_expclip(clip: ClipEncoder, teacher: Teacher, paths, out, config: TrainConfig = None, bs: int = 512, loss: str = None,
                 cache: FeatureCache = None, overwrite: bool = False, variant: str = 'official', inputs: str = None, scale=None,
@@ -621,6 +648,7 @@ def fit_expclip(clip: ClipEncoder, teacher: Teacher, paths, out, config: TrainCo
     atomic_write_json(out/'expclip.json', info)
     return info
 
+# %% ../nbs/12_expclip.ipynb #a0ee4e00
 @records_outputs('out')
 def evaluate_expclip(clip: ClipEncoder, projection: ExpCLIPProjection, df: pd.DataFrame, labels, out=None, kinds=PROMPT_KINDS,
                      n_frames: int = 16, cache: FeatureCache = None, overwrite: bool = False, variant: str = 'official',

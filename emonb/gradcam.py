@@ -39,10 +39,12 @@ def gradcam_map(activation: torch.Tensor, gradient: torch.Tensor, method: str = 
     w = G.mean((2, 3), keepdim=True) if method == 'gradcam' else G
     return F.relu((w * A).sum(1))
 
+# %% ../nbs/17_gradcam.ipynb #8ad76979
 def upsample_maps(maps: torch.Tensor, size) -> torch.Tensor:
     "Maps (B, h, w) resized bilinearly to `size` = (H, W) of the input image."
     return F.interpolate(maps[:, None].float(), size=tuple(int(s) for s in size), mode='bilinear', align_corners=False)[:, 0]
 
+# %% ../nbs/17_gradcam.ipynb #d4c1be4c
 def normalize_maps(maps: torch.Tensor, eps: float = 1e-12) -> tuple:
     "(maps (B, H, W) scaled to [0, 1] each by their min and max, flat (B,) bool): a constant map (no positive evidence at all) is returned as zeros and flagged."
     v = maps.flatten(1)
@@ -71,6 +73,7 @@ def grid_shape(n_tokens: int, image_size, prefix_tokens: int = None) -> tuple:
         if g is not None: return k, *g
     raise ValueError(f"{n_tokens} tokens make no patch grid for a {H}x{W} image after 0-8 leading tokens: pass prefix_tokens=")
 
+# %% ../nbs/17_gradcam.ipynb #7e728c57
 def tokens_to_grid(tokens: torch.Tensor, image_size, batch_first: bool = True, prefix_tokens: int = None) -> torch.Tensor:
     "ViT tokens (B, P+N, D) (or (P+N, B, D) if not `batch_first`) -> patch tokens on their grid (B, D, h, w), the P leading (class/register) tokens dropped."
     if tokens.ndim != 3: raise ValueError(f"tokens must be (B, N, D) or (N, B, D), got shape {tuple(tokens.shape)}")
@@ -78,11 +81,13 @@ def tokens_to_grid(tokens: torch.Tensor, image_size, batch_first: bool = True, p
     k, h, w = grid_shape(t.shape[1], image_size, prefix_tokens)
     return t[:, k:].transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
 
+# %% ../nbs/17_gradcam.ipynb #184913f1
 def _owners(model: nn.Module, layer: nn.Module) -> list:
     "The modules of `model` that contain `layer` (itself included), innermost first."
     found = [(n, m) for n, m in model.named_modules() if m is layer or any(s is layer for s in m.modules())]
     return [m for _, m in sorted(found, key=lambda nm: -len(nm[0].split('.')) if nm[0] else 0)]
 
+# %% ../nbs/17_gradcam.ipynb #025bddb1
 def token_batch_first(model: nn.Module, layer: nn.Module):
     "True/False: the token layout of `layer` read from its `batch_first` (or its attention's, or the nearest enclosing module's); None when nothing says."
     for m in [layer, *[c for c in layer.children() if isinstance(c, nn.MultiheadAttention)]]:
@@ -99,6 +104,7 @@ def _vit_layer(m: nn.Module):
     if hasattr(m, 'blocks') and hasattr(m, 'cls_token') and hasattr(m, 'patch_embed'): return m.blocks[-1].norm1
     return None
 
+# %% ../nbs/17_gradcam.ipynb #b2d1f7e4
 def default_layer(model: nn.Module) -> nn.Module:
     "The Grad-CAM layer of a model or encoder: the last conv stage of a CNN, the input of the last block of a ViT."
     m = getattr(model, 'model', model) if isinstance(model, ClipEncoder) else model
@@ -125,6 +131,7 @@ def default_layer(model: nn.Module) -> nn.Module:
     raise ValueError(f"no default Grad-CAM layer for {type(m).__name__}: pass layer= (a module of the model or its name"
                      + (f", e.g. {convs[-1]!r}, its last Conv2d)" if convs else ")"))
 
+# %% ../nbs/17_gradcam.ipynb #2b7bac2f
 @dataclass
 class CamLevel:
     "One map to compute: the `layer`, the forward `input` whose image it is drawn on (`frame`: its index on axis 1 of a 5-D input), and `index` of `count` rows per sample when the layer runs on several images per sample."
@@ -134,6 +141,7 @@ class CamLevel:
     count: int = None
     frame: int = None
 
+# %% ../nbs/17_gradcam.ipynb #eaf562a3
 def cam_levels(model: nn.Module, inputs=None) -> dict:
     "The levels of `model` (name -> CamLevel): face/body/context of MLPER, head/body/context of CocoER, one per frame of DFER-CLIP, else 'image'. `inputs`: the forward inputs (for their form and number of frames)."
     if isinstance(model, MLPER):
@@ -153,6 +161,7 @@ def cam_levels(model: nn.Module, inputs=None) -> dict:
 # %% ../nbs/17_gradcam.ipynb #26017608
 def _plain(x): return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x
 
+# %% ../nbs/17_gradcam.ipynb #39a3ab0b
 def class_logits(model: nn.Module, *inputs) -> torch.Tensor:
     "The class scores (B, K) the maps explain: `model.predict` if it has one, else `model(*inputs)`; from a dict its 'logits', from a tuple its first element."
     f = getattr(model, 'predict', None)
@@ -164,6 +173,7 @@ def class_logits(model: nn.Module, *inputs) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or out.ndim != 2: raise ValueError(f"{type(model).__name__} must give class scores (B, K), got {getattr(out, 'shape', type(out))}")
     return _plain(out)
 
+# %% ../nbs/17_gradcam.ipynb #451f78ca
 def model_classes(model: nn.Module):
     "The class names of an emonb model (CocoER, MLPER), else None."
     labels = getattr(model, 'labels', None)
@@ -172,6 +182,7 @@ def model_classes(model: nn.Module):
     if isinstance(texts, dict) and 'names' in texts: return tuple(texts['names'])
     return None
 
+# %% ../nbs/17_gradcam.ipynb #64977262
 def _targets(target, logits: torch.Tensor, classes) -> torch.Tensor:
     B, K = logits.shape
     if target is None: return logits.detach().argmax(1)
@@ -186,6 +197,7 @@ def _targets(target, logits: torch.Tensor, classes) -> torch.Tensor:
         out.append(int(c))
     return torch.tensor(out, device=logits.device)
 
+# %% ../nbs/17_gradcam.ipynb #5252f44d
 def _resolve_layer(model: nn.Module, layer) -> tuple:
     "(module, its name in `model`) of a module or a dotted name."
     named = {id(m): n for n, m in model.named_modules()}
@@ -198,6 +210,7 @@ def _resolve_layer(model: nn.Module, layer) -> tuple:
         raise ValueError(f"the layer ({type(layer).__name__}) is not part of {type(model).__name__}: pass one of its modules or its name")
     return layer, named[id(layer)] or type(layer).__name__
 
+# %% ../nbs/17_gradcam.ipynb #760bfb0a
 @dataclass
 class GradCAM:
     "Grad-CAM of a batch: per level, `maps` (B, H, W) in [0, 1] on its input `images` (B, C, H, W), `raw` (B, h, w) before upsampling and scaling, `flat` (B,); the `target` classes, the `logits`, the class names and the layer of each level."
@@ -213,11 +226,13 @@ class GradCAM:
     @property
     def levels(self) -> tuple: return tuple(self.maps)
 
+# %% ../nbs/17_gradcam.ipynb #a4cb98a7
 def _first_tensor(o):
     if isinstance(o, torch.Tensor): return o
     if isinstance(o, (tuple, list)) and o and isinstance(o[0], torch.Tensor): return o[0]
     raise TypeError(f"Grad-CAM needs a layer whose output is a tensor, got {type(o).__name__}")
 
+# %% ../nbs/17_gradcam.ipynb #2ac08784
 def grad_cam(model: nn.Module, *inputs, levels=None, layer=None, target=None, method: str = 'gradcam', input: int = 0,
              batch_first: bool = None, prefix_tokens: int = None) -> GradCAM:
     "Grad-CAM maps of the class scores of `model` on one batch `inputs`, for its `levels` (default all; see cam_levels) or a `layer` (a module or its name; with `levels`: that layer for those levels)."
@@ -302,6 +317,7 @@ def _display(img: torch.Tensor, mean_std=None) -> np.ndarray:
     if x.shape[0] == 1: x = x.expand(3, -1, -1)
     return x[:3].permute(1, 2, 0).numpy()
 
+# %% ../nbs/17_gradcam.ipynb #119100e5
 def plot_gradcam(cam: GradCAM, mean_std=None, true=None, alpha: float = 0.5, cmap: str = 'jet', size: float = 2.,
                  title: str = None) -> Figure:
     "Image + heat-map overlay: one row per sample, one column per level; row labels: the explained class and its probability (and `true` classes, names or indices)."
@@ -325,6 +341,7 @@ def plot_gradcam(cam: GradCAM, mean_std=None, true=None, alpha: float = 0.5, cma
     if title: fig.suptitle(title, fontsize=10)
     return fig
 
+# %% ../nbs/17_gradcam.ipynb #2a9c75de
 def save_figure(fig: Figure, path, dpi: int = 100) -> Path:
     "Write `fig` as a PNG to `path` atomically (a temporary file, then a rename)."
     buf = io.BytesIO()
@@ -340,6 +357,7 @@ def _dl_stats(dl):
         if type(f).__name__ == 'ClipToFloat' and getattr(f, 'stats', None) is not None: return f.stats
     return None
 
+# %% ../nbs/17_gradcam.ipynb #5a0c38cd
 def _dl_batches(data, n_inp=None):
     "(inputs, targets or None) per batch of a DataLoader, a list of batches, or one batch (a tuple)."
     if isinstance(data, tuple) and data and isinstance(data[0], torch.Tensor): data = [data]
@@ -349,6 +367,7 @@ def _dl_batches(data, n_inp=None):
         k = n_inp or k_dl or max(1, len(b) - 1)
         yield b[:k], (b[k] if len(b) > k else None)
 
+# %% ../nbs/17_gradcam.ipynb #18532040
 @records_outputs('folder')
 def write_gradcam_figures(model: nn.Module, data, folder, n: int = 8, per_figure: int = 4, levels=None, target=None,
                           classes=None, mean_std='auto', n_inp: int = None, overwrite: bool = False, dpi: int = 100, **cam_kw) -> pd.DataFrame:

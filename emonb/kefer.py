@@ -60,10 +60,12 @@ def kefer_texts(labels, template: str | int = KEFER_DEFAULT, words: str = 'noun'
     texts = list(kefer_prompts(labels, template, words).texts['prompt'])
     return [re.sub(r'\b([Aa]) (?=[AEIOUaeiou])', r'\1n ', t) for t in texts] if articles else texts
 
+# %% ../nbs/10_kefer.ipynb #802223eb
 def clip_temperature(clip: ClipEncoder) -> float:
     "tau = 1 / exp(logit_scale) of a CLIP: the temperature the official code uses (0.01 for OpenAI's weights)."
     return 1 / clip.model.logit_scale.exp().item()
 
+# %% ../nbs/10_kefer.ipynb #c1e0f07f
 def text_prototypes(labels, text_encoder, template: str | int | None = None, words: str = 'noun', articles: bool | None = None,
                     normalize: bool | None = None, variant: str = 'official') -> torch.Tensor:
     "Class prototypes (K, d): the frozen `text_encoder`'s embeddings of each class's KEFER prompt, computed once; `variant` picks the template, the articles and whether they are L2-normalised."
@@ -90,6 +92,7 @@ class ClipImageTower(nn.Module):
         self.embed_dim, self.name = clip.embed_dim, f"{clip.name or 'CLIP'} image tower"
     def forward(self, x): return self.clip.encode_image(x, normalize=False)
 
+# %% ../nbs/10_kefer.ipynb #83f073b4
 class KeferModel(nn.Module):
     "Visual encoder F_e (-> v in the text space) and neutral transform F_n (-> n); classes by cosine with frozen text prototypes (kept raw, or L2-normalised under `variant='emonb'`)."
     def __init__(self, visual_encoder: nn.Module, prototypes: torch.Tensor, neutral_index: int | None, hidden: int = 128,
@@ -130,6 +133,7 @@ class KeferModel(nn.Module):
         "Class logits of images `x`; F_n is not used at test time."
         return self.logits(self.features(x))
 
+# %% ../nbs/10_kefer.ipynb #77b7ee2d
 class KeferLogits(Callback):
     "After the loss, replace the model's (v, n) by cosine logits, so fastai's metrics and get_preds see class scores."
     order = 50
@@ -138,6 +142,7 @@ class KeferLogits(Callback):
         if isinstance(p, (tuple, list)):
             self.learn.pred = getattr(self.learn.model, 'module', self.learn.model).logits(p[0])
 
+# %% ../nbs/10_kefer.ipynb #6962684a
 class Float32Loss(nn.Module):
     "Compute `loss` in float32 outside autocast (cosine logits at tau = 0.01 lose precision in bf16)."
     def __init__(self, loss: nn.Module):
@@ -161,17 +166,20 @@ def kefer_config(variant: str = 'official', **overrides) -> TrainConfig:
     if 'warmup_epochs' not in overrides: d['warmup_epochs'] = w if w is not None else 0.1 * d['epochs']
     return TrainConfig(**d)
 
+# %% ../nbs/10_kefer.ipynb #f5056046
 def kefer_official_lr(epoch: int, epochs: int, lr: float, warmup_epochs: int = 1, warmup_lr: float = 1e-4) -> float:
     "The learning rate of `epoch` (0-based) under the official scheduler: `warmup_epochs` epochs at the constant `warmup_lr`, then cosine annealing from `lr`, stepped once per epoch, with T_max = `epochs`."
     if epoch < warmup_epochs: return warmup_lr
     return lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs)) / 2
 
+# %% ../nbs/10_kefer.ipynb #4bef8037
 class EpochwiseLR(Callback):
     "Set the learning rate at every training batch to `lr_of_epoch(epoch)`: a schedule stepped once per epoch (it runs after fastai's ParamScheduler and replaces its value)."
     order, run_valid = ParamScheduler.order + 1, False
     def __init__(self, lr_of_epoch): self.lr_of_epoch = lr_of_epoch
     def before_batch(self): self.opt.set_hyper('lr', self.lr_of_epoch(self.epoch))
 
+# %% ../nbs/10_kefer.ipynb #78d78a15
 KEFER_LR_STEPS = ('batch', 'epoch')
 
 def lr_step_callbacks(config: TrainConfig, lr_steps: str | None, warmup_lr: float = 1e-4, variant: str = 'official') -> tuple:
@@ -204,12 +212,14 @@ class PadRandomCrop(RandTransform):
         w, h = x.size
         return PILImage(ImageOps.expand(x, border=self.padding, fill=0).crop((self.j, self.i, self.j + w, self.i + h)))
 
+# %% ../nbs/10_kefer.ipynb #161d549c
 class TorchFlip(RandTransform):
     "Training only: mirror left-right with probability p; torchvision's RandomHorizontalFlip with the same draw from torch's generator."
     split_idx, order = 0, 3
     def before_call(self, b, split_idx): self.do = split_idx == self.split_idx and bool(torch.rand(1) < self.p)
     def encodes(self, x: PILImage): return PILImage(x.transpose(Image.FLIP_LEFT_RIGHT))
 
+# %% ../nbs/10_kefer.ipynb #05acfe03
 def erasing_box(height: int, width: int, scale=(0.02, 0.25), ratio=(0.3, 3.3), tries: int = 10):
     "(top, left, h, w) of a random rectangle of `scale` of the area and a log-uniform aspect ratio in `ratio`, or None after `tries` misses; the draws of torchvision's RandomErasing.get_params."
     area, log_ratio = height * width, torch.log(torch.tensor(ratio))
@@ -221,6 +231,7 @@ def erasing_box(height: int, width: int, scale=(0.02, 0.25), ratio=(0.3, 3.3), t
         return torch.randint(0, height - h + 1, size=(1,)).item(), torch.randint(0, width - w + 1, size=(1,)).item(), h, w
     return None
 
+# %% ../nbs/10_kefer.ipynb #f2d4c5cb
 class ZeroErasing(RandTransform):
     "Training only, per image of a normalised batch: with probability p, set a random rectangle (`erasing_box`) to 0; torchvision's RandomErasing(p, scale, ratio, value=0)."
     split_idx, order = 0, 100    # after Normalize (99)
@@ -238,13 +249,16 @@ class ZeroErasing(RandTransform):
                 out[k, :, i:i + h, j:j + w] = 0
         return out
 
+# %% ../nbs/10_kefer.ipynb #7716318e
 def kefer_official_transforms(size: int = 112, normalize: str = 'imagenet') -> tuple:
     "(item_tfms, batch_tfms) of the official training inputs: resize, padded random crop (p 0.5), flip; [0, 1] tensors, normalisation, zero erasing (p 0.5, 2-25% of the area). Validation only resizes and normalises."
     return [Resize(size), PadRandomCrop(4, 0.5), TorchFlip(p=0.5)], normalization(normalize) + [ZeroErasing(0.5, (0.02, 0.25), (0.3, 3.3))]
 
+# %% ../nbs/10_kefer.ipynb #d28d0d64
 def _face_image(row) -> PILImage:
     return PILImage(load_image(row['path'], allow_truncated=bool(row.get('truncated', False))))
 
+# %% ../nbs/10_kefer.ipynb #55ab50b8
 def kefer_dataloaders(df: pd.DataFrame, size: int = 112, bs: int = KEFER_BATCH_SIZE, augment: str = KEFER_OFFICIAL_AUGMENT,
                       normalize: str = 'imagenet', labels=None, num_workers: int = 0, **kw):
     "fastai DataLoaders of face images; `augment`: 'kefer_official' (the official code's transforms) or a preset of `emonb.data.image_dataloaders`."
@@ -273,16 +287,19 @@ def predict_scores(model: nn.Module, dl, hflip: bool = False, precision: str = '
             probs.append(p.cpu()); targets.append(yb.cpu())
     return torch.cat(probs), torch.cat(targets)
 
+# %% ../nbs/10_kefer.ipynb #3f85f74e
 def _check_run(df, config, select):
     if select not in ('best', 'last'): raise ValueError(f"select must be 'best' (best validation epoch) or 'last', got {select!r}")
     if select == 'best' and not config.checkpoint: raise ValueError("select='best' needs config.checkpoint=True")
     if 'split' not in df.columns or not (df.split == 'test').any(): raise ValueError("the sample table has no 'test' rows to evaluate on")
 
+# %% ../nbs/10_kefer.ipynb #c5eab8eb
 def _labels_of(df, labels) -> LabelSet:
     name = labels if labels is not None else df.attrs.get('label_set')
     if name is None: raise ValueError("the sample table has no label set (df.attrs['label_set']): pass labels=")
     return label_set(name)
 
+# %% ../nbs/10_kefer.ipynb #644ef4bf
 def _fit_and_report(df, out, model, loss_func, method: str, labels: LabelSet, size, bs, config, augment, normalize, select,
                     hflip_tta, num_workers, progress, run, dls=None, cbs=(), keep_epochs=False, device=None) -> tuple:
     "Fit, select, score the test rows once, write out/report; returns (learner, metrics)."
@@ -307,13 +324,16 @@ def _fit_and_report(df, out, model, loss_func, method: str, labels: LabelSet, si
     metrics = write_report(Path(out)/'report', targets, probs, labels, items=list(test.path), run=info)
     return learn, metrics
 
+# %% ../nbs/10_kefer.ipynb #bb3df66d
 def _encoder_name(enc) -> str: return getattr(enc, 'name', None) or type(enc).__name__
 
+# %% ../nbs/10_kefer.ipynb #fe95a3ef
 def _text_encoder_record(text_encoder) -> dict:
     if text_encoder is None: return dict(text_encoder='given prototypes')
     name = str(getattr(text_encoder, 'path', None) or _encoder_name(text_encoder))
     return dict(text_encoder=name, **(dict(text_clip=text_encoder.describe()) if isinstance(text_encoder, ClipEncoder) else {}))
 
+# %% ../nbs/10_kefer.ipynb #9f438a2a
 @records_outputs('out')
 def train_kefer(df: pd.DataFrame, out, labels=None, text_encoder=None, prototypes=None, template=None, words: str = 'noun',
                 articles: bool = None, visual_encoder: nn.Module = None, arch: str = 'resnet18', stem: str = 'imagenet',
@@ -357,6 +377,7 @@ def train_kefer(df: pd.DataFrame, out, labels=None, text_encoder=None, prototype
     return _fit_and_report(df, out, model, Float32Loss(kl), 'kefer', labels, size, bs, config, augment, normalize, select, hflip_tta,
                            num_workers, progress, info, dls=dls, cbs=[KeferLogits(), *lr_cbs], keep_epochs=keep_epochs, device=device)
 
+# %% ../nbs/10_kefer.ipynb #28e1e94d
 @records_outputs('out')
 def train_classifier(df: pd.DataFrame, out, labels=None, visual_encoder: nn.Module = None, arch: str = 'resnet18',
                      stem: str = 'imagenet', encoder_kw: dict = None, size: int = None, bs: int = KEFER_BATCH_SIZE,

@@ -84,29 +84,35 @@ def _train_rng(learn):
     dl = learn.dls.train
     return getattr(dl, 'dl', dl).rng   # a distributed run wraps the loader; the shuffle is the wrapped one's
 
+# %% ../nbs/08_learner.ipynb #b04e80be
 def _rng_states(learn) -> dict:
     s = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
              dl=_train_rng(learn).getstate())
     if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()
     return s
 
+# %% ../nbs/08_learner.ipynb #79a2cd93
 def _set_rng_states(learn, s: dict):
     random.setstate(s['python']); np.random.set_state(s['numpy']); torch.set_rng_state(s['torch'])
     _train_rng(learn).setstate(s['dl'])
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
+# %% ../nbs/08_learner.ipynb #7172d9b9
 def _save(obj, f: Path):
     buf = io.BytesIO(); torch.save(obj, buf); atomic_write_bytes(f, buf.getvalue())
 
+# %% ../nbs/08_learner.ipynb #9afb904a
 def barrier():
     "Wait for every process of a distributed run (nothing to wait for otherwise)."
     if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.barrier()
 
+# %% ../nbs/08_learner.ipynb #a54e5c94
 def unwrap_model(model: nn.Module) -> nn.Module:
     "The model inside a DistributedDataParallel / DataParallel wrapper (the model itself otherwise)."
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
     return model
 
+# %% ../nbs/08_learner.ipynb #01f23ff7
 class EpochCheckpoint(Callback):
     "After each epoch: save model, optimiser, epoch, metrics and RNG states (last.pth, epoch_k.pth); keep the best epoch on `monitor`."
     order = 61   # after the Recorder has the epoch's validation metrics
@@ -144,6 +150,7 @@ class EpochCheckpoint(Callback):
         if self.every_epoch: _save(state, d/f'epoch_{self.epoch}.pth')
         if better: _save(dict(model=model.state_dict(), epoch=self.epoch, value=v, monitor=self.monitor), d/'best.pth')
 
+# %% ../nbs/08_learner.ipynb #31541989
 def resume(learn, file) -> int:
     "Restore model, optimiser, RNG states and metric history from checkpoint `file`; return the epoch to start from."
     file = Path(file)
@@ -156,6 +163,7 @@ def resume(learn, file) -> int:
     learn._resume_state = s
     return s['epoch'] + 1
 
+# %% ../nbs/08_learner.ipynb #39df4e5e
 def load_best(learn) -> dict:
     "Load the best-on-validation weights saved by EpochCheckpoint; returns {'epoch', 'value', 'monitor'}."
     f = Path(learn.path)/learn.model_dir/'checkpoints'/'best.pth'
@@ -168,10 +176,12 @@ def load_best(learn) -> dict:
 class NonFiniteLossError(FloatingPointError):
     "Training stopped because a training loss was NaN or infinite."
 
+# %% ../nbs/08_learner.ipynb #219ede3b
 def checkpoint_dir(learn) -> Path:
     "The folder where `EpochCheckpoint` writes `learn`'s checkpoints."
     return Path(learn.path)/learn.model_dir/'checkpoints'
 
+# %% ../nbs/08_learner.ipynb #2553274f
 class StopOnNonFinite(Callback):
     "Raise `NonFiniteLossError` (epoch, batch, last good checkpoint) as soon as a training loss is not finite, before its backward pass."
     order = -5
@@ -184,6 +194,7 @@ class StopOnNonFinite(Callback):
                                  f"batch {self.iter + 1}/{self.n_iter}; training stopped and nothing was evaluated or bundled; {kept}. "
                                  f"Lower the learning rate, or check the inputs of that batch")
 
+# %% ../nbs/08_learner.ipynb #464058a5
 class StepBudget(Callback):
     "End training after `max_steps` optimiser steps, the schedule compressed to them (its position is steps done / `max_steps`)."
     order = 99   # after the checkpoint (61) and the scheduler (60)
@@ -200,9 +211,11 @@ class StepBudget(Callback):
     def after_epoch(self):
         if self._done(self.per_epoch) >= self.max_steps: raise CancelFitException
 
+# %% ../nbs/08_learner.ipynb #de3ccb5c
 def _clock(s: float) -> str:
     s = int(round(s)); return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
+# %% ../nbs/08_learner.ipynb #a1ec5144
 class RunETA(Callback):
     "Print the whole run's elapsed time and time left: `first_after` seconds into training, then after every epoch."
     order = 100
@@ -244,8 +257,10 @@ def _opt_func(config: TrainConfig):
     else: kw = dict(betas=config.betas, weight_decay=config.wd)
     return partial(OptimWrapper, opt=OPTIMIZERS[config.opt], **kw)
 
+# %% ../nbs/08_learner.ipynb #2a89cda4
 def uses_cuda(learn) -> bool: return next(learn.model.parameters()).is_cuda
 
+# %% ../nbs/08_learner.ipynb #6ee7983c
 def make_learner(dls, model: nn.Module, loss_func, config: TrainConfig, splitter=None, metrics=None, path='.',
                  cbs=None, **kw) -> Learner:
     "A fastai Learner with the optimiser, parameter groups, precision and checkpoints of `config`."
@@ -268,6 +283,7 @@ def make_learner(dls, model: nn.Module, loss_func, config: TrainConfig, splitter
     elif precision == 'fp16': learn.to_fp16()
     return learn
 
+# %% ../nbs/08_learner.ipynb #bbf941da
 def fit(learn: Learner, config: TrainConfig = None, resume_from=None, start_epoch: int = 0, distributed='auto', quiet: bool = False):
     "Train with the recipe's schedule; `resume_from` a checkpoint file continues a stopped run exactly. `distributed='auto'` trains data-parallel when launched in several processes; `quiet` hides the progress bars, the epoch table and the ETA lines. A non-finite training loss stops the run (`NonFiniteLossError`); `config.max_steps` ends it after that many steps. Inside `emonb.core.resuming_runs()` a run with a `last.pth` continues from it."
     config = config or learn.train_config
@@ -312,6 +328,7 @@ class GlooDistributedDL(DistributedDL):
         torch.distributed.broadcast(t, rank)
         return t.cpu().tolist()
 
+# %% ../nbs/08_learner.ipynb #1ff1981c
 class EmonbDistributedTrainer(DistributedTrainer):
     "fastai's `DistributedTrainer` for CPUs too: gloo-safe loaders, batches on the process's device, the loss function moved along."
     def before_fit(self):
@@ -321,6 +338,7 @@ class EmonbDistributedTrainer(DistributedTrainer):
     def _device(self): return next(unwrap_model(self.learn.model).parameters()).device
     def _wrap_dl(self, dl): return dl if isinstance(dl, DistributedDL) else GlooDistributedDL(dl, device=self._device())
 
+# %% ../nbs/08_learner.ipynb #7dd7476c
 @contextmanager
 def distributed_ctx(learn: Learner, sync_bn: bool = None, **accelerator_kw):
     "Train `learn` data-parallel in this process group for the duration of the block (what `fit` does when launched in several processes)."

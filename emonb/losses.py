@@ -21,6 +21,7 @@ def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor, tau: float =
     "(B, K) logits cos(f_i, t_k) / tau."
     return F.normalize(features, dim=-1) @ F.normalize(prototypes, dim=-1).T / tau
 
+# %% ../nbs/06_losses.ipynb #09055eed
 def cosine_cross_entropy(features, prototypes, targets, tau: float = 0.01, weight=None, label_smoothing: float = 0.) -> torch.Tensor:
     "Cross-entropy of softmax(cos(f, t_k)/tau) against class indices `targets`."
     return F.cross_entropy(cosine_logits(features, prototypes, tau), targets, weight=weight, label_smoothing=label_smoothing)
@@ -33,6 +34,7 @@ def kefer_transformation_loss(v, n, t_y, t_neutral, non_neutral: torch.Tensor) -
     dv, dt = (v - n)[m], (t_y - t_neutral)[m]
     return (1 - F.cosine_similarity(dt, dv, dim=-1)).mean()
 
+# %% ../nbs/06_losses.ipynb #46886053
 def kefer_self_contrast_loss(v, n, t_y, non_neutral: torch.Tensor, gamma: float = 2., all_pairs: bool = False) -> torch.Tensor:
     "L_c: mean over non-neutral samples of sim(t_y, n) - sim(t_y, v) + gamma (all anchor/sample pairs if `all_pairs`)."
     m = non_neutral.bool()
@@ -41,6 +43,7 @@ def kefer_self_contrast_loss(v, n, t_y, non_neutral: torch.Tensor, gamma: float 
     if all_pairs: return (t @ n.T - t @ v.T).mean() + gamma
     return ((t * n).sum(-1) - (t * v).sum(-1)).mean() + gamma
 
+# %% ../nbs/06_losses.ipynb #0ad6c471
 KEFER_LOSS_VARIANTS = {   # the defaults each variant gives KeferLoss's options (see the table above)
     'official': dict(all_pairs=True, normalize_prototypes=False),
     'paper': dict(all_pairs=False, normalize_prototypes=False),
@@ -83,6 +86,7 @@ def symmetric_infonce(a: torch.Tensor, b: torch.Tensor, scale: float = 100.) -> 
     target = torch.arange(len(a), device=a.device)
     return 0.5 * F.cross_entropy(logits, target) + 0.5 * F.cross_entropy(logits.T, target)
 
+# %% ../nbs/06_losses.ipynb #589eee71
 def l2_alignment(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     "Mean squared distance between the unit vectors of a_i and b_i (Exp-CLIP's Algorithm 1 form)."
     return (F.normalize(a, dim=-1) - F.normalize(b, dim=-1)).pow(2).sum(-1).mean()
@@ -93,12 +97,14 @@ def class_weights_log(targets, c: float = 1.2) -> torch.Tensor:
     p = torch.as_tensor(np.asarray(targets), dtype=torch.float32).mean(0)
     return 1.0 / torch.log(c + p)
 
+# %% ../nbs/06_losses.ipynb #fd7552f7
 def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor = None) -> torch.Tensor:
     "Mean over samples and classes of BCE-with-logits, each class scaled by its weight."
     l = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction='none')
     if class_weights is not None: l = l * class_weights.to(l)
     return l.mean()
 
+# %% ../nbs/06_losses.ipynb #46382e11
 class WeightedBCELoss(nn.Module):
     "weighted_bce as a module (a fastai loss), the weights as a buffer."
     def __init__(self, class_weights=None):

@@ -41,14 +41,17 @@ def _levels(levels, name: str = 'levels', allow_empty: bool = False) -> tuple:
     if not levels and not allow_empty: raise ValueError(f"{name} must name at least one of {LEVELS}")
     return tuple(l for l in LEVELS if l in levels)
 
+# %% ../nbs/13_mlper.ipynb #3b27196b
 def _promote(x: torch.Tensor) -> torch.Tensor:
     "float32, or float64 if it already is (computations that must not run in half precision)."
     return x if x.dtype == torch.float64 else x.float()
 
+# %% ../nbs/13_mlper.ipynb #659cd1f0
 def _person(name: str) -> str:
     adj = ADJECTIVES[canonical_name(name)]
     return f'person {adj}' if ' ' in adj else f'{adj} person'
 
+# %% ../nbs/13_mlper.ipynb #89bb6c88
 def class_sentence(name: str, parts: dict) -> str:
     "The class sentence T^c of class `name` from the prompts of some levels (`parts`: level -> text); all three: MLPER's composite, none: the hand-crafted prompt."
     parts = {k: v for k, v in parts.items() if v}
@@ -62,6 +65,7 @@ def class_sentence(name: str, parts: dict) -> str:
     s = f"Alongside {parts['context']}, {s}" if 'context' in parts else s[0].upper() + s[1:]
     return s + '.'
 
+# %% ../nbs/13_mlper.ipynb #377a776c
 def mlper_texts(labels, prompt_levels=LEVELS, prompts: PromptSet = None, **prompt_kw) -> dict:
     "MLPER's texts for `labels`: the level prompts ('face', 'body', 'context') and the class sentences ('classes') built from `prompt_levels`."
     prompt_levels = _levels(prompt_levels, 'prompt_levels', allow_empty=True)
@@ -90,6 +94,7 @@ def too_long_texts(clip: ClipEncoder, texts, too_long: str = 'error') -> list:
         _WARNED_TOO_LONG.update((clip.context_length, t) for t in long)
     return long
 
+# %% ../nbs/13_mlper.ipynb #b4b9d866
 @torch.no_grad()
 def prompt_tokens(clip: ClipEncoder, texts, too_long: str = 'error') -> tuple:
     "(queries (K, 1+M, D), mask (K, 1+M)): per prompt, the text class token p_cls (pooled [EOT]) then the [SOS] and word tokens, by the frozen text tower."
@@ -275,6 +280,7 @@ class MLPERLoss:
                          **{f'lambda_{l}': w for l, w in zip(m.align_levels, m.level_weights.weights().tolist())})
         return l_cls + self.lam * l_itm
 
+# %% ../nbs/13_mlper.ipynb #707f96c5
 class MLPERLogits(Callback):
     "After the loss, replace the model's (logits, tokens) by the logits, so fastai's metrics and get_preds see class scores."
     order = 50
@@ -294,10 +300,12 @@ def mlper_param_groups(model: MLPER) -> dict:
     if stray: raise ValueError(f"trainable parameters outside the image encoder and MLPER's heads: {stray[:5]} (the text tower must be frozen)")
     return {'image': image, 'heads': heads}
 
+# %% ../nbs/13_mlper.ipynb #0993bb19
 def mlper_splitter(model: MLPER) -> list:
     "Parameter groups for `make_learner`: image encoder (if trained), heads."
     return [g for g in mlper_param_groups(model).values() if g]
 
+# %% ../nbs/13_mlper.ipynb #4b15dc7b
 def mlper_config(model: MLPER = None, epochs: int = MLPER_EPOCHS, lr=MLPER_LR, **kw) -> TrainConfig:
     "The paper's recipe: SGD lr 2e-5 (one value, or one per group: a tuple (image, heads) or a dict), momentum 0.9, wd 1e-4, lr x0.9 per epoch, 60 epochs; selection on validation WAR."
     names = [k for k, g in mlper_param_groups(model).items() if g] if model is not None else None
@@ -310,6 +318,7 @@ def mlper_config(model: MLPER = None, epochs: int = MLPER_EPOCHS, lr=MLPER_LR, *
     kw = {**dict(opt='sgd', momentum=0.9, wd=1e-4, schedule='exp_epoch', gamma=0.9, monitor='war'), **kw}
     return TrainConfig(epochs=epochs, lr=tuple(lr) if np.ndim(lr) else float(lr), **kw)
 
+# %% ../nbs/13_mlper.ipynb #66a8c718
 def _per_group(config: TrainConfig, model: MLPER) -> TrainConfig:
     "A one-rate config for a model with two groups gets that rate for both."
     n = len(mlper_splitter(model))
@@ -330,6 +339,7 @@ def caer_s_with_boxes(root, boxes=None) -> pd.DataFrame:
         return join_boxes(df, pd.read_csv(manifest), root=root)
     return join_boxes(df, pd.read_csv(boxes) if isinstance(boxes, (str, Path)) else boxes)
 
+# %% ../nbs/13_mlper.ipynb #05f29846
 def mlper_dataloaders(df: pd.DataFrame, size: int = MLPER_SIZE, bs: int = MLPER_BATCH_SIZE, context: str = 'whole',
                       augment: str = 'mlper', resize: str = 'squish', normalize: str = 'clip', labels=None, num_workers: int = 0, **kw):
     "multilevel_dataloaders (face, body, context crops of each row) with every crop resized to `size` by `resize` ('squish' keeps the whole body)."
@@ -350,6 +360,7 @@ def _batches(dl):
         k = n_inp if n_inp is not None else max(1, len(b) - 1)
         yield b[:k], (b[k] if len(b) > k else None)
 
+# %% ../nbs/13_mlper.ipynb #1d138178
 @torch.no_grad()
 def encode_levels(clip: ClipEncoder, dl) -> tuple:
     "(visual tokens (n, 3, 1+N, D) of the face, body and context crops, labels (n,) or None) of a DataLoader of crops, by the CLIP image encoder."
@@ -363,6 +374,7 @@ def encode_levels(clip: ClipEncoder, dl) -> tuple:
         if yb is not None: ys.append(yb.cpu().as_subclass(torch.Tensor))
     return torch.cat(toks), (torch.cat(ys) if ys else None)
 
+# %% ../nbs/13_mlper.ipynb #a356b96d
 @torch.no_grad()
 def predict_scores(model: MLPER, dl) -> tuple:
     "(class probabilities (n, K), targets (n,) or None) of `model` over a DataLoader of crops or of cached tokens."
@@ -374,6 +386,7 @@ def predict_scores(model: MLPER, dl) -> tuple:
         if yb is not None: ys.append(torch.as_tensor(yb).cpu().as_subclass(torch.Tensor))
     return torch.cat(probs), (torch.cat(ys) if ys else None)
 
+# %% ../nbs/13_mlper.ipynb #f81f98d5
 def train_on_tokens(model: MLPER, train: tuple, valid: tuple, config: TrainConfig = None, lam: float = 1.,
                     bs: int = MLPER_BATCH_SIZE, quiet: bool = True) -> tuple:
     "Train MLPER's heads (frozen image encoder) on cached tokens: `train`, `valid` = (tokens (n, 3, 1+N, D), labels). Returns (learner, best epoch)."
@@ -392,6 +405,7 @@ def _labels_of(df: pd.DataFrame, labels) -> LabelSet:
     if name is None: raise ValueError("the sample table has no label set (df.attrs['label_set']): pass labels=")
     return label_set(name)
 
+# %% ../nbs/13_mlper.ipynb #3c2a337f
 def evaluate_mlper(learn, df: pd.DataFrame, split: str = 'test', folder=None, run: dict = None, overwrite: bool = False) -> dict:
     "Metrics of `learn.model` on the `split` rows of `df` (validation transforms of `learn.dls`); with `folder`, also a report folder."
     rows = df[df.split == split].reset_index(drop=True)
@@ -401,6 +415,7 @@ def evaluate_mlper(learn, df: pd.DataFrame, split: str = 'test', folder=None, ru
     if folder is None: return evaluate_predictions(targets.numpy(), probs.numpy(), names)
     return write_report(folder, targets.numpy(), probs.numpy(), names, items=list(rows.path), run=run, overwrite=overwrite)
 
+# %% ../nbs/13_mlper.ipynb #a42e75e9
 @records_outputs('out')
 def train_mlper(df: pd.DataFrame, clip: ClipEncoder, out, labels=None, prompts: PromptSet = None, levels=LEVELS,
                 prompt_levels=None, align_levels=None, lam: float = 1., size: int = None, bs: int = MLPER_BATCH_SIZE,

@@ -60,6 +60,7 @@ class MethodSpec:
         if self.forward is not None: return self.forward(model, x)
         return model.predict(x) if hasattr(model, 'predict') else model(x)
 
+# %% ../nbs/16_predict.ipynb #50b518b8
 METHODS: dict = {}
 
 def register_method(name: str, build: Callable, forward: Callable | None = None, levels=('face',), output: str = 'softmax',
@@ -74,6 +75,7 @@ def register_method(name: str, build: Callable, forward: Callable | None = None,
     METHODS[name] = spec = MethodSpec(name, build, forward, levels, output, doc, boxes, video, after_load)
     return spec
 
+# %% ../nbs/16_predict.ipynb #1d18e45c
 def method_spec(name: str) -> MethodSpec:
     "The registered `MethodSpec` of `name`; an error lists the registered ones."
     if name not in METHODS:
@@ -89,11 +91,13 @@ def _quiet_random_init():
     try: yield
     finally: root.setLevel(level)
 
+# %% ../nbs/16_predict.ipynb #6a767143
 def random_clip(name: str) -> ClipEncoder:
     "A `ClipEncoder` of open_clip config `name` with random weights (to be replaced by a bundle's)."
     from emonb.encoders import ClipEncoder
     with _quiet_random_init(): return ClipEncoder.from_pretrained(name, pretrained=None)
 
+# %% ../nbs/16_predict.ipynb #2acc08ee
 def build_visual(visual: dict) -> nn.Module:
     "A visual encoder from its description: `{'kind': 'timm', **resnet_encoder kwargs}` or `{'kind': 'clip', 'name': config}`."
     v = dict(visual); kind = v.pop('kind', None)
@@ -105,22 +109,26 @@ def build_visual(visual: dict) -> nn.Module:
         return ClipImageTower(random_clip(v['name']))
     raise ValueError(f"visual encoder kind must be 'timm' or 'clip', got {kind!r} in {visual}")
 
+# %% ../nbs/16_predict.ipynb #92a05961
 def _build_kefer(visual: dict, n_classes: int, dim: int, neutral_index=None, hidden: int = 128, tau: float = 0.01,
                  variant: str = 'official') -> KeferModel:
     from emonb.kefer import KeferModel
     return KeferModel(build_visual(visual), torch.zeros(n_classes, dim), neutral_index, hidden=hidden, tau=tau, variant=variant)
 
+# %% ../nbs/16_predict.ipynb #0313c08e
 def _build_classifier(visual: dict, n_classes: int) -> nn.Module:
     if visual.get('kind') == 'timm': return build_visual({**visual, 'embed_dim': n_classes})
     tower = build_visual(visual)
     return nn.Sequential(tower, nn.Linear(tower.embed_dim, n_classes))
 
+# %% ../nbs/16_predict.ipynb #26c56fe0
 register_method('kefer', _build_kefer, doc='emonb.kefer.KeferModel: cosine logits with frozen text prototypes')
 register_method('classifier', _build_classifier, doc='emonb.kefer.train_classifier: visual encoder + linear head')
 def _build_clip_classifier(clip: dict, n_classes: int) -> nn.Module:
     from emonb.baselines import ClipClassifier
     return ClipClassifier(random_clip(clip), n_classes)
 
+# %% ../nbs/16_predict.ipynb #bf21b6da
 register_method('clip_classifier', _build_clip_classifier,
                 doc='emonb.baselines.ClipClassifier: CLIP image tower + linear head on normalised features')
 def quickstart_network(c_in: int = 1, n_out: int = 7, widen: float = 0.5) -> nn.Module:
@@ -143,6 +151,7 @@ def clip_source(clip, weights=None, in_bundle: bool = True) -> dict:
         raise ValueError(f"a CLIP left out of the bundle needs the file it comes from: pass the weights file of {name!r}")
     return dict(name=name, activation=activation, weights=None if weights is None else str(weights), in_bundle=bool(in_bundle))
 
+# %% ../nbs/16_predict.ipynb #8a98189f
 def load_clip_source(clip: dict, device='cpu') -> ClipEncoder:
     "The pretrained CLIP a bundle names (`arch['clip']`), from local files only; the error names the exact file missing."
     from emonb.encoders import ClipEncoder, config_activation
@@ -162,24 +171,29 @@ def load_clip_source(clip: dict, device='cpu') -> ClipEncoder:
     # the activation the bundle's network was built with (bundles older than this record carry none: their config's own)
     return ClipEncoder.from_pretrained(name, str(f), device=device, activation=clip.get('activation') or config_activation(name))
 
+# %% ../nbs/16_predict.ipynb #9307b00d
 def build_clip(clip: dict) -> ClipEncoder:
     "A bundle's CLIP: its config with random weights when the bundle holds them all, else the pretrained file (`load_clip_source`)."
     return random_clip(clip['name']) if clip.get('in_bundle', True) else load_clip_source(clip)
 
+# %% ../nbs/16_predict.ipynb #11164b61
 def _build_mlper(clip: dict, texts: dict, **kw) -> MLPER:
     from emonb.mlper import MLPER
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')   # MLPER warns about prompts longer than the CLIP's context (the trainer warned already)
         return MLPER(build_clip(clip), texts, **kw)
 
+# %% ../nbs/16_predict.ipynb #bdb23b98
 def _build_cocoer(clip: dict, labels: str, multi_label: bool = False, **kw) -> CocoER:
     from emonb.cocoer import CocoER
     return CocoER(build_clip(clip), labels, multi_label, **kw)
 
+# %% ../nbs/16_predict.ipynb #9eb51415
 def _build_dferclip(clip: dict, texts: list, n_frames: int = 16, **kw) -> DFERCLIP:
     from emonb.dferclip import DFERCLIP
     return DFERCLIP(build_clip(clip), texts, n_frames=n_frames, **kw)
 
+# %% ../nbs/16_predict.ipynb #a5407cb3
 register_method('mlper', _build_mlper, lambda m, x: m.predict(x['face'], x['body'], x['context']), levels=LEVELS,
                 doc='emonb.mlper.MLPER: face, body and context through one CLIP, class-sentence prototypes')
 register_method('cocoer', _build_cocoer, lambda m, x: m.predict(x['face'], x['body'], x['context'], x['boxes']), levels=LEVELS,
@@ -227,6 +241,7 @@ def input_spec(size: int, mode: str = 'RGB', normalize='imagenet', resize: str =
     return dict(size=size, mode=mode, mean=mean, std=std, resize=resize, interpolation=interpolation, face_margin=float(face_margin),
                 crops=crops, context=context, level_sizes=level_sizes, n_frames=n_frames, pad=pad)
 
+# %% ../nbs/16_predict.ipynb #61a06ea3
 def _check_input(d: dict) -> dict:
     "An `input` dict validated by `input_spec` (mean/std given explicitly)."
     d = dict(d); mean, std = d.pop('mean', None), d.pop('std', None)
@@ -235,15 +250,18 @@ def _check_input(d: dict) -> dict:
     if 'normalize' not in d: d['normalize'] = 'none' if mean is None else (mean, std)
     return input_spec(**d)
 
+# %% ../nbs/16_predict.ipynb #66c3d7e2
 def clip_input_spec(clip: ClipEncoder, face_margin: float = 0.2) -> dict:
     "The input description of a `ClipEncoder`'s image tower."
     mean, std = clip.image_mean_std
     return input_spec(clip.image_size, 'RGB', (mean, std), 'crop', 'bicubic', face_margin)
 
+# %% ../nbs/16_predict.ipynb #1272879a
 def level_size(spec: dict, level: str = 'face') -> int:
     "The input size of `level` (a bundle's `level_sizes`, else its `size`)."
     return (spec.get('level_sizes') or {}).get(level, spec['size'])
 
+# %% ../nbs/16_predict.ipynb #7ee67c0a
 def image_transform(spec: dict, level: str = 'face') -> Callable:
     "PIL image -> (C, size, size) float tensor, as the bundle's `input` says (`level`: the size of that level)."
     size, mode, interp = level_size(spec, level), spec['mode'], INTERPOLATIONS[spec['interpolation']]
@@ -268,6 +286,7 @@ def weights_dir() -> Path:
     "Where named weights are looked up: `$EMONB_HOME/weights` (default `~/.cache/emonb/weights`)."
     return emonb_home()/'weights'
 
+# %% ../nbs/16_predict.ipynb #0dff12e4
 def resolve_weights(weights) -> Path:
     "The local file of `weights`: an existing path, or a name in `weights_dir()`; the error names the exact file expected."
     if weights is None: raise ValueError("no weights given: pass a model bundle file or the name of one in " + str(weights_dir()))
@@ -292,6 +311,7 @@ CHECKSUM_KEY = 'emonb_checksum'
 class BundleChecksumWarning(UserWarning):
     "A model bundle written before emonb stored checksums: its tensors cannot be verified."
 
+# %% ../nbs/16_predict.ipynb #8e9820e0
 def tensor_checksum(sd: dict) -> str:
     "SHA-256 (hex) over the tensors of a state dict: in sorted name order, each one's name, dtype, shape, size and raw bytes."
     h = hashlib.sha256()
@@ -302,10 +322,12 @@ def tensor_checksum(sd: dict) -> str:
         h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
+# %% ../nbs/16_predict.ipynb #fcb5d5f8
 def text_checksum(text: str) -> str:
     "SHA-256 (hex) of a text's UTF-8 bytes (the bundle header)."
     return hashlib.sha256(text.encode('utf-8')).hexdigest()
 
+# %% ../nbs/16_predict.ipynb #d6b11941
 def nonfinite_tensors(sd: dict) -> dict:
     "name -> number of NaN / ±inf values, for the floating-point tensors of `sd` that hold any."
     bad = {}
@@ -315,6 +337,7 @@ def nonfinite_tensors(sd: dict) -> dict:
             if n: bad[name] = n
     return bad
 
+# %% ../nbs/16_predict.ipynb #3c4c3085
 def describe_nonfinite(bad: dict, limit: int = 5) -> str:
     "'a.weight (3 values), b (1 value) and 2 more tensors': what `nonfinite_tensors` found, for an error message."
     items = [f"{k} ({n} value{'s' if n > 1 else ''})" for k, n in sorted(bad.items())]
@@ -336,6 +359,7 @@ class Bundle:
     path: Path | None
     header: dict = field(repr=False, default_factory=dict)
 
+# %% ../nbs/16_predict.ipynb #e34041b9
 def _as_label_set(labels) -> LabelSet:
     from emonb.prompts import class_names
     if isinstance(labels, LabelSet): return labels
@@ -344,6 +368,7 @@ def _as_label_set(labels) -> LabelSet:
         except ValueError: pass
     return LabelSet('custom', class_names(labels))
 
+# %% ../nbs/16_predict.ipynb #720b66a3
 def _labels_from_header(d: dict) -> LabelSet:
     names = tuple(d['names'])
     try:
@@ -352,6 +377,7 @@ def _labels_from_header(d: dict) -> LabelSet:
     except ValueError: pass
     return LabelSet(d['name'], names)
 
+# %% ../nbs/16_predict.ipynb #99b6635a
 def _dummy_inputs(spec: MethodSpec, inp: dict, device='cpu'):
     c = 3 if inp['mode'] == 'RGB' else 1
     if spec.video: return torch.zeros(2, inp.get('n_frames') or 2, c, inp['size'], inp['size'], device=device)
@@ -359,6 +385,7 @@ def _dummy_inputs(spec: MethodSpec, inp: dict, device='cpu'):
     if spec.boxes: xs['boxes'] = torch.tensor([[[.3, .1, .6, .4], [.1, .05, .9, 1.]]] * 2, device=device)
     return xs['face'] if spec.levels == ('face',) and not spec.boxes else xs
 
+# %% ../nbs/16_predict.ipynb #ca00ebcd
 def _load_state(model: nn.Module, sd: dict, where: str, external=()):
     try: missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:   # shapes that differ
@@ -370,6 +397,7 @@ def _load_state(model: nn.Module, sd: dict, where: str, external=()):
         raise ValueError(f"{where}: the tensors do not fit the network built from `arch`: missing {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
 
+# %% ../nbs/16_predict.ipynb #cb6d9b77
 def save_bundle(model: nn.Module, path, method: str, labels, arch: dict, input: dict, info: dict | None = None,
                 dtype: torch.dtype | None = None, overwrite: bool = False, verify: bool = True, output: str | None = None,
                 external_keys=()) -> Path:
@@ -405,10 +433,12 @@ def save_bundle(model: nn.Module, path, method: str, labels, arch: dict, input: 
     atomic_write_bytes(path, safetensors.torch.save(sd, metadata=_bundle_metadata(sd, text)))
     return path
 
+# %% ../nbs/16_predict.ipynb #cbffb344
 def _bundle_metadata(sd: dict, header_text: str) -> dict:
     checksum = dict(algorithm='sha256', tensors=tensor_checksum(sd), header=text_checksum(header_text))
     return {'format': 'pt', BUNDLE_KEY: header_text, CHECKSUM_KEY: json.dumps(checksum)}
 
+# %% ../nbs/16_predict.ipynb #ad9ffcb3
 def _bundle_metadata_of(path: Path) -> dict:
     "The safetensors metadata of a bundle file, its `emonb_checksum` parsed (None when absent), its header checked against it."
     try:
@@ -431,6 +461,7 @@ def _bundle_metadata_of(path: Path) -> dict:
     else: meta[CHECKSUM_KEY] = None
     return meta
 
+# %% ../nbs/16_predict.ipynb #eada4015
 _UNCHECKED_BUNDLES: set = set()   # files already warned about (one BundleChecksumWarning per file)
 
 def _read_bundle_tensors(path: Path) -> tuple:
@@ -455,6 +486,7 @@ def _read_bundle_tensors(path: Path) -> tuple:
                              f"it cannot predict anything (the training that wrote it diverged)")
     return sd, status
 
+# %% ../nbs/16_predict.ipynb #2e07fef6
 def verify_bundle(weights) -> dict:
     "Check a bundle (a path or a name in `weights_dir()`) without building its network: header, checksum, finite weights. Returns a summary."
     path = resolve_weights(weights)
@@ -463,6 +495,7 @@ def verify_bundle(weights) -> dict:
     return dict(path=path, method=h['method'], checksum=status, tensors=len(sd),
                 parameters=sum(t.numel() for t in sd.values()), bytes=sum(t.numel() * t.element_size() for t in sd.values()))
 
+# %% ../nbs/16_predict.ipynb #5a57895b
 def bundle_header(weights) -> dict:
     "The JSON header of a bundle (a path or a name in `weights_dir()`), without loading its tensors (checked against its checksum)."
     path = resolve_weights(weights)
@@ -473,6 +506,7 @@ def bundle_header(weights) -> dict:
         raise ValueError(f"{path} is a version {header['bundle_version']} bundle; this emonb reads up to version {BUNDLE_VERSION}: upgrade emonb")
     return header
 
+# %% ../nbs/16_predict.ipynb #0ea88548
 def load_bundle(weights, device='cpu', method: str | None = None, clip_weights=None) -> Bundle:
     "Load a model bundle (a path, or a name in `weights_dir()`); `method` checks what it holds; `clip_weights` relocates the file of a CLIP kept outside the bundle."
     path = resolve_weights(weights)
@@ -526,12 +560,14 @@ class Source:
     kind: str     # 'image', 'video' or 'memory'
     obj: object   # Path or PIL image
 
+# %% ../nbs/16_predict.ipynb #ea36b786
 def _cv2():
     try: import cv2
     except ImportError: raise ImportError("reading and writing videos needs OpenCV: pip install opencv-python "
                                           "(or pip install 'emonb[detect]', which installs it with ultralytics)") from None
     return cv2
 
+# %% ../nbs/16_predict.ipynb #159d6b96
 def array_to_image(a, name: str = 'array') -> Image.Image:
     "A PIL image from an (H, W) or (H, W, 3|4) array, uint8 or floats in [0, 1] (RGB order)."
     a = np.asarray(a)
@@ -546,10 +582,12 @@ def array_to_image(a, name: str = 'array') -> Image.Image:
     if a.ndim == 3 and a.shape[2] == 1: a = a[..., 0]
     return _rgb(Image.fromarray(a))
 
+# %% ../nbs/16_predict.ipynb #6f585fca
 def _rgb(im: Image.Image) -> Image.Image:
     "8-bit RGB by `emonb.core.image_to_8bit` (16-bit and float images scaled, not clipped white; transparency on black)."
     return im if im.mode == 'RGB' else image_to_8bit(im, 'RGB')
 
+# %% ../nbs/16_predict.ipynb #a102180d
 def read_image(path) -> Image.Image:
     "An image file as RGB, EXIF orientation applied; errors name the file."
     p = Path(path)
@@ -561,6 +599,7 @@ def read_image(path) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as e:   # ImportError: a decoder plugin (e.g. HEIF) tried and missing
         raise ImageReadError(f"cannot read image file {p}: {type(e).__name__}: {e}") from None
 
+# %% ../nbs/16_predict.ipynb #cd1d060c
 def expand_sources(src) -> tuple:
     "(list of `Source`, list of ignored files) from a path, a folder, a PIL image, an array, or a list of them."
     items = list(src) if isinstance(src, (list, tuple)) else [src]
@@ -586,6 +625,7 @@ def expand_sources(src) -> tuple:
     if not out: raise ValueError("no sources given")
     return out, ignored
 
+# %% ../nbs/16_predict.ipynb #34365fae
 @dataclass
 class Frame:
     "One frame to analyse (image None when it could not be read; then `error` says why)."
@@ -594,15 +634,18 @@ class Frame:
     image: Image.Image | None
     error: str = ''
 
+# %% ../nbs/16_predict.ipynb #419a3917
 def video_frame_count(path) -> int:
     "The number of frames OpenCV reports for a video file (0 when unknown)."
     cap = _cv2().VideoCapture(str(path))
     try: return max(0, int(cap.get(_cv2().CAP_PROP_FRAME_COUNT))) if cap.isOpened() else 0
     finally: cap.release()
 
+# %% ../nbs/16_predict.ipynb #20bf98df
 class TruncatedVideoWarning(UserWarning):
     "A video file gave fewer frames than its header declares."
 
+# %% ../nbs/16_predict.ipynb #65dc5665
 def video_frames_readable(path) -> tuple:
     "(frames the header of video file `path` declares, frames that can actually be read): a truncated file reads fewer."
     cv2 = _cv2(); cap = cv2.VideoCapture(str(path))
@@ -613,6 +656,7 @@ def video_frames_readable(path) -> tuple:
         return declared, n
     finally: cap.release()
 
+# %% ../nbs/16_predict.ipynb #50cbddb9
 def _video_frames(src: Source, frame_step: int, videos: dict):
     cv2 = _cv2()
     cap = cv2.VideoCapture(str(src.obj))
@@ -636,6 +680,7 @@ def _video_frames(src: Source, frame_step: int, videos: dict):
         warnings.warn(f"video {src.obj} declares {declared} frames but only {i} could be read (a truncated or damaged file): "
                       f"its rows stop at frame {i - 1}", TruncatedVideoWarning)
 
+# %% ../nbs/16_predict.ipynb #7395b215
 def iter_frames(sources, frame_step: int = 1, on_error: str = 'raise', videos: dict | None = None):
     "Frames of `sources` one at a time; unreadable sources raise (naming the file) or, with on_error='report', give an error frame."
     videos = {} if videos is None else videos
@@ -648,6 +693,7 @@ def iter_frames(sources, frame_step: int = 1, on_error: str = 'raise', videos: d
             if on_error == 'raise': raise
             yield Frame(s.name, 0, None, str(e))
 
+# %% ../nbs/16_predict.ipynb #ef297be0
 def write_video(frames, path, fps: float = 10., fourcc: str = 'mp4v') -> Path:
     "Write PIL frames (all the same size) to a video file with OpenCV; written to a temporary file, then renamed."
     cv2, path = _cv2(), Path(path)
@@ -690,6 +736,7 @@ class Predictor:
 
     def __repr__(self): return f"{type(self).__name__}({self.name!r}, labels={self.labels.name!r}, device={self.device})"
 
+# %% ../nbs/16_predict.ipynb #c1b1b358
 def prompt_templates(prompts) -> tuple:
     "Templates of a prompt set: a name in EXPCLIP_PROMPT_SETS, one template, or a list of templates."
     from emonb.prompts import EXPCLIP_PROMPT_SETS
@@ -701,6 +748,7 @@ def prompt_templates(prompts) -> tuple:
     if not t: raise ValueError("no prompt templates given")
     return t
 
+# %% ../nbs/16_predict.ipynb #93225328
 class ZeroShotPredictor(Predictor):
     "Zero-shot CLIP: image embeddings scored against class prompts (emonb.baselines.zero_shot_logits)."
     def __init__(self, clip: ClipEncoder, labels='basic7', prompts='ensemble10', ensemble: str = 'logits', scale: float | None = None,
@@ -725,6 +773,7 @@ class ZeroShotPredictor(Predictor):
         z = zero_shot_logits(self.clip, encoded.to(self.device), self.labels, self.templates, self.ensemble, self.scale)
         return z.float().softmax(-1).cpu().numpy()
 
+# %% ../nbs/16_predict.ipynb #a8463ae0
 class BundlePredictor(Predictor):
     "A trained model from a bundle: crops transformed as its `input` says, logits from its method, softmax/sigmoid."
     def __init__(self, bundle: Bundle, device='cpu'):
@@ -754,20 +803,24 @@ class BundlePredictor(Predictor):
         if not len(encoded): return np.zeros((0, len(self.labels)), np.float32)
         return (encoded.softmax(-1) if self.output == 'softmax' else encoded.sigmoid()).numpy()
 
+# %% ../nbs/16_predict.ipynb #90d9c0cd
 def resolve_device(device='auto') -> torch.device:
     "'auto' -> CUDA when available, else CPU; anything else as torch.device."
     from emonb.encoders import default_device
     return torch.device(default_device() if device in (None, 'auto') else device)
 
+# %% ../nbs/16_predict.ipynb #8f96e76e
 FER2013_MODEL = 'emonb_fer2013_resnet18s.safetensors'
 
 class WorldModelWarning(UserWarning):
     "A model of the synthetic world is used: right on the world's images, at chance on real photos."
 
+# %% ../nbs/16_predict.ipynb #3b683506
 def default_model_path() -> Path:
     "emonb's shipped real-face expression model: a FER2013 classifier bundle inside the package (notebook 18's model card)."
     return packaged_file(FER2013_MODEL)
 
+# %% ../nbs/16_predict.ipynb #a373de50
 def make_predictor(method='default', weights=None, labels=None, device='auto', clip_model: str | None = None,
                    prompts='ensemble10', ensemble: str = 'logits', clip_weights=None, clip_activation: str | None = None) -> Predictor:
     "A `Predictor`: emonb's shipped FER2013 model (`method='default'`), zero-shot CLIP (`'zeroshot'`) or a trained model from a bundle (`'bundle'` or its method name)."
@@ -820,12 +873,14 @@ def as_detector(detector, kind: str = 'face'):
     if hasattr(detector, 'detect'): return detector
     raise TypeError(f"{kind} detector must be {kind!r}, None, a model file path or an object with detect(images), got {type(detector).__name__}")
 
+# %% ../nbs/16_predict.ipynb #1b73956f
 def sort_faces(dets) -> np.ndarray:
     "Non-empty face boxes (n, 5) sorted left to right (then top to bottom)."
     d = as_detections(dets)
     d = d[(d[:, 2] > d[:, 0]) & (d[:, 3] > d[:, 1])]
     return d[np.lexsort((d[:, 1], d[:, 0]))]
 
+# %% ../nbs/16_predict.ipynb #ef723746
 def body_for_face(face, persons, width: int, height: int, min_face_in_body: float = 0.5) -> tuple:
     "The largest person box holding at least `min_face_in_body` of the face, else the estimate from the face."
     P = as_detections(persons) if persons is not None else np.zeros((0, 5), np.float32)
@@ -833,13 +888,16 @@ def body_for_face(face, persons, width: int, height: int, min_face_in_body: floa
     if inside: return tuple(float(v) for v in max(inside, key=box_area)[:4])
     return body_from_face(face, width, height)
 
+# %% ../nbs/16_predict.ipynb #1151ec48
 def _rounded(box) -> tuple: return tuple(int(round(float(v))) for v in box[:4])
 
+# %% ../nbs/16_predict.ipynb #01557ff0
 def level_boxes(face, body, width: int, height: int) -> torch.Tensor:
     "(2, 4) float32: the face and body boxes as fractions of the image, clamped to [0, 1] (as emonb.cocoer.LevelBoxes)."
     b = torch.tensor([[float(v) for v in face[:4]], [float(v) for v in body[:4]]], dtype=torch.float32)
     return (b / torch.tensor([width, height, width, height], dtype=torch.float32)).clamp(0, 1)
 
+# %% ../nbs/16_predict.ipynb #55425afd
 def face_crops(image: Image.Image, face, levels=('face',), persons=None, face_margin: float = 0.2, whole: bool = False,
                crop_rule: str = 'margin', context: str = 'whole', boxes: bool = False) -> dict:
     "The crops `{level: PIL}` of one face box of `image` (`whole`: the image itself is the face); `crop_rule='boxes'`: as multi-level training cuts them."
@@ -874,13 +932,16 @@ def _chunks(it, n):
         if len(buf) == n: yield buf; buf = []
     if buf: yield buf
 
+# %% ../nbs/16_predict.ipynb #71b28606
 def _positive_int(name, v):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1: raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
+# %% ../nbs/16_predict.ipynb #3717a9e0
 def _identity(det) -> str:
     if det is None: return 'whole image'
     return str(getattr(det, 'identity', None) or repr(det))
 
+# %% ../nbs/16_predict.ipynb #9a809329
 def predictions_frame(rows: list, probs: np.ndarray, index: list, names) -> pd.DataFrame:
     "The table: base columns of `rows`, one probability column per class (rows `index` get `probs`), top, top_prob, error."
     names = list(names)
@@ -897,6 +958,7 @@ def predictions_frame(rows: list, probs: np.ndarray, index: list, names) -> pd.D
     df['top'], df['top_prob'], df['error'] = top, top_prob, [r.get('error', '') for r in rows]
     return df.astype({'frame': int, 'face': int})
 
+# %% ../nbs/16_predict.ipynb #a6bcc912
 def check_output_csv(path, overwrite: bool = False) -> Path:
     "Check that the CSV `path` and its summary (`.json` beside it) can be written, before any work: not folders, not existing unless `overwrite`; missing parent folders are created."
     path = Path(path).expanduser()
@@ -912,6 +974,7 @@ def check_output_csv(path, overwrite: bool = False) -> Path:
     if not os.access(path.parent, os.W_OK | os.X_OK): raise ValueError(f"cannot write {path}: no permission to write in the folder {path.parent}")
     return path
 
+# %% ../nbs/16_predict.ipynb #92237643
 def write_predictions(df: pd.DataFrame, path, overwrite: bool = False) -> Path:
     "Write the table as CSV and its summary (`df.attrs['summary']`) as JSON beside it (same name, `.json`)."
     path = check_output_csv(path, overwrite)
@@ -919,6 +982,7 @@ def write_predictions(df: pd.DataFrame, path, overwrite: bool = False) -> Path:
     atomic_write_json(path.with_suffix('.json'), df.attrs.get('summary', {}), default=str)
     return path
 
+# %% ../nbs/16_predict.ipynb #1ad8b1e6
 def _check_run_options(batch_size, frame_step, no_face, on_error, save_csv, overwrite):
     "The settings `predict` and `predict_clips` share, checked before any work: a bad one, or an output CSV that cannot be written, is an error."
     _positive_int('batch_size', batch_size); _positive_int('frame_step', frame_step)
@@ -926,6 +990,7 @@ def _check_run_options(batch_size, frame_step, no_face, on_error, save_csv, over
     if on_error not in ON_ERROR: raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     if save_csv is not None: check_output_csv(save_csv, overwrite)
 
+# %% ../nbs/16_predict.ipynb #6535c008
 def predict(src, method='default', weights=None, labels=None, detector='face', device='auto', batch_size: int = 32,
             progress: bool = True, frame_step: int = 1, save_csv=None, no_face: str = 'row', on_error: str = 'raise',
             person_detector='person', clip_model: str | None = None, prompts='ensemble10', overwrite: bool = False,
@@ -1012,9 +1077,11 @@ class Stream:
     kind: str     # 'video', 'frames' or 'memory'
     obj: object   # Path, list of Paths, or list of PIL images
 
+# %% ../nbs/16_predict.ipynb #f077dbc8
 def _frame_files(folder: Path) -> list:
     return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith('.') and f.suffix.lower() in IMAGE_EXTS)
 
+# %% ../nbs/16_predict.ipynb #46c410b8
 def clip_streams(src) -> tuple:
     "(list of `Stream`, ignored files) of `src` for a video method: video files, frame folders (each folder holding images), images."
     items = list(src) if isinstance(src, (list, tuple)) and not all(isinstance(i, (Image.Image, np.ndarray)) for i in src) else [src]
@@ -1045,16 +1112,19 @@ def clip_streams(src) -> tuple:
     if not out: raise ValueError("no sources given")
     return out, ignored
 
+# %% ../nbs/16_predict.ipynb #0409c05f
 def _stream_frames(s: Stream, frame_step: int, videos: dict):
     if s.kind == 'video': yield from _video_frames(Source(s.name, 'video', s.obj), frame_step, videos); return
     for k in range(0, len(s.obj), frame_step):
         yield Frame(s.name, k, s.obj[k] if s.kind == 'memory' else read_image(s.obj[k]))
 
+# %% ../nbs/16_predict.ipynb #97494c7b
 def _main_face(d) -> np.ndarray | None:
     d = sort_faces(d)
     if not len(d): return None
     return d[np.lexsort((-d[:, 4], -(d[:, 2] - d[:, 0]) * (d[:, 3] - d[:, 1])))[0]]   # the largest, then the most confident
 
+# %% ../nbs/16_predict.ipynb #a8f290c4
 def clip_windows(n: int, window: int | None = None, stride: int | None = None) -> list:
     "(start, end) of the windows over `n` frames: the whole stream, or windows of `window` frames every `stride` (the last one ends at n)."
     if window is None: return [(0, n)] if n else []
@@ -1064,6 +1134,7 @@ def clip_windows(n: int, window: int | None = None, stride: int | None = None) -
     if starts[-1] + window < n: starts.append(n - window)
     return [(a, a + window) for a in starts]
 
+# %% ../nbs/16_predict.ipynb #c64bb56c
 def predict_clips(src, method='bundle', weights=None, detector='face', device='auto', batch_size: int = 32, progress: bool = True,
                   frame_step: int = 1, window: int | None = None, stride: int | None = None, save_csv=None, no_face: str = 'row',
                   on_error: str = 'raise', overwrite: bool = False, face_margin: float | None = None, clip_weights=None) -> pd.DataFrame:
@@ -1150,6 +1221,7 @@ def frame_rows(df: pd.DataFrame, file, frame: int = 0) -> pd.DataFrame:
     if not len(r): raise ValueError(f"no rows for file {file!r}, frame {frame} (files: {list(dict.fromkeys(df.file))[:5]} ...)")
     return r
 
+# %% ../nbs/16_predict.ipynb #c32ae5be
 def read_frame(file, frame: int = 0) -> Image.Image:
     "Frame `frame` of a video file, or the image of an image file."
     p = Path(file)
@@ -1161,10 +1233,12 @@ def read_frame(file, frame: int = 0) -> Image.Image:
     if not ok: raise ImageReadError(f"cannot read frame {frame} of video file {p}")
     return Image.fromarray(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
 
+# %% ../nbs/16_predict.ipynb #d4aa7733
 def _class_columns(df) -> list:
     cols = list(df.columns)
     return cols[cols.index('det_conf') + 1: cols.index('top')]
 
+# %% ../nbs/16_predict.ipynb #4aef2487
 def plot_predictions(image, rows: pd.DataFrame, path=None, ax=None, title: str | None = None, figsize=None) -> Figure:
     "Draw the boxes and top classes of one frame's rows on `image`; save to `path` (png, pdf, ...) if given."
     from matplotlib.figure import Figure
@@ -1205,6 +1279,7 @@ def _fastai_state(path) -> dict:
     with torch.serialization.safe_globals(allowed): sd = torch.load(path, map_location='cpu', weights_only=True)
     return sd['model'] if isinstance(sd, dict) and 'model' in sd and isinstance(sd['model'], dict) else sd
 
+# %% ../nbs/16_predict.ipynb #9a8dc814
 def quickstart_bundle(run, path=None, overwrite: bool = False) -> Path:
     "A model bundle (default `<run>/model.safetensors`) of the classifier an `emonb quickstart` run saved in `<run>/models/final.pth`."
     run = Path(run).expanduser()
@@ -1227,6 +1302,7 @@ def read_run(run) -> dict:
     if not f.is_file(): raise FileNotFoundError(f"no {f}: is {Path(run)} the output folder of an emonb trainer (train_kefer, train_mlper, ...)?")
     return json.loads(f.read_text())
 
+# %% ../nbs/16_predict.ipynb #00b56627
 def run_checkpoint(run, checkpoint: str = 'auto', select: str | None = None) -> Path:
     "The checkpoint file of a run: 'best', 'last', or 'auto' (the one the report was computed with: last when the run selected the last epoch)."
     if checkpoint not in ('auto', 'best', 'last'): raise ValueError(f"checkpoint must be 'auto', 'best' or 'last', got {checkpoint!r}")
@@ -1236,6 +1312,7 @@ def run_checkpoint(run, checkpoint: str = 'auto', select: str | None = None) -> 
                                                 f"{sorted(p.name for p in f.parent.glob('*.pth')) if f.parent.is_dir() else 'none'})")
     return f
 
+# %% ../nbs/16_predict.ipynb #4352c1d2
 def _checkpoint_state(f: Path) -> dict:
     "The model's state dict in a checkpoint of emonb.learner.EpochCheckpoint, read with weights_only=True (last.pth also holds fastcore lists and numpy RNG states)."
     from fastcore.foundation import L
@@ -1247,6 +1324,7 @@ def _checkpoint_state(f: Path) -> dict:
     except Exception as e: raise ValueError(f"cannot read checkpoint {f} with weights_only=True: {type(e).__name__}: {str(e)[:300]}") from None
     return s['model'] if isinstance(s, dict) and isinstance(s.get('model'), dict) else s
 
+# %% ../nbs/16_predict.ipynb #ace387ae
 def labels_of_classes(classes) -> LabelSet:
     "The registered label set whose classes are `classes` in this order, else a custom one."
     from emonb.core import LABEL_SETS
@@ -1255,6 +1333,7 @@ def labels_of_classes(classes) -> LabelSet:
         if tuple(ls.names) == names: return ls
     return LabelSet('custom', names)
 
+# %% ../nbs/16_predict.ipynb #5a511074
 def _run_clip(r: dict, clip, in_bundle: bool) -> dict:
     from emonb.encoders import ClipEncoder
     if isinstance(clip, dict): return {**clip, 'in_bundle': in_bundle}
@@ -1263,10 +1342,12 @@ def _run_clip(r: dict, clip, in_bundle: bool) -> dict:
     if not name: raise ValueError("the run records no CLIP: pass clip=")
     return clip_source(name, clip, in_bundle)   # clip: None or the local weights file of the run's CLIP
 
+# %% ../nbs/16_predict.ipynb #c3385f25
 def _clip_prefixes(model: nn.Module) -> list:
     from emonb.encoders import ClipEncoder
     return [n + '.model.' for n, m in model.named_modules() if isinstance(m, ClipEncoder)]
 
+# %% ../nbs/16_predict.ipynb #dab0bf0f
 def unchanged_clip_keys(model: nn.Module, clip: dict) -> list:
     "The state-dict keys of `model`'s CLIPs that equal the pretrained CLIP `clip` (a `clip_source`): what a bundle can leave out."
     ref = load_clip_source(clip).model.state_dict()
@@ -1276,6 +1357,7 @@ def unchanged_clip_keys(model: nn.Module, clip: dict) -> list:
             if k.startswith(pre) and k[len(pre):] in ref and torch.equal(v.cpu(), ref[k[len(pre):]].to(v.dtype)): out.append(k)
     return out
 
+# %% ../nbs/16_predict.ipynb #7c3453c7
 def _timm_or_clip_visual(r: dict) -> dict:
     name = r.get('visual_encoder') or ''
     if name.endswith(' image tower'): return dict(kind='clip', name=name[:-len(' image tower')])
@@ -1285,6 +1367,7 @@ def _timm_or_clip_visual(r: dict) -> dict:
         return dict(kind='timm', arch=name, stem=r.get('stem', 'imagenet'), **head, **(r.get('encoder_kw') or {}))
     raise ValueError(f"the run's visual encoder {name!r} is not a timm model or a CLIP image tower: pass visual=dict(kind=..., ...)")
 
+# %% ../nbs/16_predict.ipynb #6ad9c505
 def run_arch(r: dict, sd: dict, labels: LabelSet, clip=None, clip_in_bundle: bool = True, **overrides) -> tuple:
     "(method, arch, input, output) that rebuild and feed the network of a training run's `metrics.json` `run` record `r` (checkpoint `sd`)."
     from emonb.mlper import mlper_texts
@@ -1333,6 +1416,7 @@ def run_arch(r: dict, sd: dict, labels: LabelSet, clip=None, clip_in_bundle: boo
     arch.update(overrides)
     return method, arch, inp, output
 
+# %% ../nbs/16_predict.ipynb #925128eb
 def bundle_from_run(run, path=None, checkpoint: str = 'auto', clip=None, clip_in_bundle: bool = True, overwrite: bool = False,
                     dtype: torch.dtype | None = None, face_margin: float | None = None, **arch) -> Path:
     "A model bundle (default `<run>/model.safetensors`) of a train_kefer / train_classifier / train_mlper / train_cocoer / train_dferclip run folder; `face_margin` overrides the margin `predict` cuts face crops with."
@@ -1365,6 +1449,7 @@ def _reader(name: str, *args):
     read.__doc__ = f"emonb.data.{name}(root{''.join(f', {a!r}' for a in args)}, **kw)"
     return read
 
+# %% ../nbs/16_predict.ipynb #5e905ea8
 DATASET_READERS = {'fer2013': _reader('read_fer2013'), 'rafdb': _reader('read_rafdb'), 'caer_s': _reader('read_caer_s'),
                    'fedro': _reader('read_fedro'), 'ferplus': _reader('read_ferplus'), 'affectnet7': _reader('read_affectnet', 7),
                    'affectnet8': _reader('read_affectnet', 8), 'folders': _reader('read_emotion_folders')}
@@ -1375,6 +1460,7 @@ def read_dataset(name: str, root) -> pd.DataFrame:
         raise ValueError(f"unknown dataset {name!r}: one of {', '.join(DATASET_READERS)} (or read it yourself with emonb.data and pass the table)")
     return DATASET_READERS[name](root)
 
+# %% ../nbs/16_predict.ipynb #9b7a122f
 def evaluate_dataset(df: pd.DataFrame, method='zeroshot', weights=None, split: str = 'test', out=None, detector=None,
                      device='auto', batch_size: int = 32, clip_model: str | None = None, prompts='ensemble10',
                      progress: bool = False, overwrite: bool = False, subsets: dict | None = None, unknown: str = 'raise',

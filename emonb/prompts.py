@@ -45,11 +45,13 @@ def class_names(labels) -> tuple:
     if len(set(names)) != len(names): raise ValueError(f"classes repeat: {list(names)}")
     return names
 
+# %% ../nbs/03_prompts.ipynb #6973c966
 def _person(name: str) -> str:
     "'surprised person', or 'person in pain' where the adjective is a phrase"
     adj = ADJECTIVES[name]
     return f'person {adj}' if ' ' in adj else f'{adj} person'
 
+# %% ../nbs/03_prompts.ipynb #3dcded13
 def _a(phrase: str) -> str: return ('an ' if phrase[:1].lower() in 'aeiou' else 'a ') + phrase
 
 # %% ../nbs/03_prompts.ipynb #37f35fec
@@ -88,6 +90,7 @@ def mlper_question(name: str, level: str) -> str:
     "MLPER's question for class `name` at `level` ('face'/'body'/'context', or 'FE'/'HP'/'SC')."
     return fill_template(MLPER_QUESTIONS[_level(level)], canonical_name(name))
 
+# %% ../nbs/03_prompts.ipynb #f62b2bd9
 def _level(level: str) -> str:
     codes = {v.lower(): k for k, v in MLPER_LEVEL_CODES.items()}
     key = str(level).strip().lower()
@@ -95,6 +98,7 @@ def _level(level: str) -> str:
     if key not in MLPER_QUESTIONS: raise ValueError(f"unknown MLPER level {level!r}: use one of {', '.join(LEVELS)} (or FE, HP, SC)")
     return key
 
+# %% ../nbs/03_prompts.ipynb #11ecafb9
 def mlper_composite(name: str, face, body, context, max_items: dict = None) -> str:
     "MLPER's composite sentence for class `name` from its face, body and context descriptor lists."
     mx = {**MLPER_MAX_ITEMS, **(max_items or {})}
@@ -122,6 +126,7 @@ def dferclip_question(name: str) -> str:
     "DFER-CLIP's question to the LLM for class `name`."
     return fill_template(DFERCLIP_QUESTION, canonical_name(name))
 
+# %% ../nbs/03_prompts.ipynb #dfc67ab0
 def combine_descriptors(descriptors, max_items: int = None) -> str:
     "One description from a descriptor list, written as DFER-CLIP's are: 'a, b, c, and d.'"
     d = [s.strip() for s in descriptors if s and s.strip()][:max_items]
@@ -193,15 +198,18 @@ def _normalise(o):
         return int(o) if o.is_integer() else o
     raise TypeError(f"a prompt request cannot hold {type(o).__name__} {o!r}")
 
+# %% ../nbs/03_prompts.ipynb #139bf4b7
 def canonical_json(o) -> str:
     "The one JSON text of `o` that keys are computed from."
     return json.dumps(_normalise(o), sort_keys=True, separators=(',', ':'), ensure_ascii=False)
 
+# %% ../nbs/03_prompts.ipynb #adcb26d3
 def request_key(request: dict) -> str:
     "SHA-256 (hex) of the canonical JSON of a request's kind, model, messages and params."
     body = {k: request.get(k) for k in ('kind', 'model', 'messages', 'params')}
     return hashlib.sha256(canonical_json(body).encode('utf-8')).hexdigest()
 
+# %% ../nbs/03_prompts.ipynb #003c19b4
 @dataclass
 class PromptRequest:
     "One request to a chat model (or one published set); `about` says who asked and is not part of the key."
@@ -235,6 +243,7 @@ class PromptRequest:
         cls = f" for {a['class']!r}" if a.get('class') else ''
         return f"{what}{cls} (model {self.model or 'not named'}): {self.question!r}"
 
+# %% ../nbs/03_prompts.ipynb #3bf715ba
 def chat_request(text: str, model: str | None, params: dict = None, **about) -> PromptRequest:
     "A one-message chat request (`about`: method, question, class); published models take no parameters, LLMs `DEFAULT_PARAMS`."
     if params is None: params = {} if str(model or '').startswith('published:') else DEFAULT_PARAMS
@@ -256,6 +265,7 @@ def _clean(s: str) -> str:
         if not (len(first) > 1 and (first.isupper() or any(ch.isdigit() for ch in first))): s = s[0].lower() + s[1:]
     return s
 
+# %% ../nbs/03_prompts.ipynb #49d9fd33
 def _item_head(item: str) -> str:
     "The short head of one list item"
     m = _BOLD.match(item.strip())
@@ -264,6 +274,7 @@ def _item_head(item: str) -> str:
     if len(parts) == 2 and parts[1] and len(parts[0].split()) <= 8: return parts[0]
     return re.split(r'(?<=[.!?])\s+', item.strip())[0]
 
+# %% ../nbs/03_prompts.ipynb #e555d1fc
 def parse_descriptors(text: str, max_items: int = None, max_words: int = 6) -> list:
     "Short descriptors from a free-form answer: numbered or bulleted lists, or prose."
     if not isinstance(text, str): raise TypeError(f"answer must be a string, got {type(text).__name__}")
@@ -291,12 +302,14 @@ def parse_descriptors(text: str, max_items: int = None, max_words: int = 6) -> l
 class PromptError(Exception):
     "Base class of the errors of emonb.prompts (a user can fix every one of them)."
 
+# %% ../nbs/03_prompts.ipynb #71957e3b
 class PromptCacheMiss(PromptError, KeyError):
     "Requests that are not in the prompt cache and could not be filled."
     def __init__(self, message: str, requests=()):
         super().__init__(message); self.requests = list(requests)
     def __str__(self): return self.args[0]
 
+# %% ../nbs/03_prompts.ipynb #a1c5875a
 class CorruptCacheEntry(PromptError, ValueError):
     "A prompt-cache file that cannot be trusted (`path`: the file, `why`: what is wrong with it)."
     def __init__(self, path, why: str):
@@ -305,12 +318,15 @@ class CorruptCacheEntry(PromptError, ValueError):
                          f"look-up: `emonb prompts build ...` asks again and keeps this file as {self.path.name}.corrupt; "
                          f"or restore it from version control.")
 
+# %% ../nbs/03_prompts.ipynb #b467e74c
 class PromptCacheBusy(PromptError, TimeoutError):
     "Another process held the lock of a cache entry for too long."
 
+# %% ../nbs/03_prompts.ipynb #ec1c577e
 class LLMRequestError(PromptError, RuntimeError):
     "An LLM endpoint failed to answer (error status, timeout, no connection, empty answer)."
 
+# %% ../nbs/03_prompts.ipynb #079b80c3
 def default_cache_dir() -> Path:
     "EMONB_PROMPT_CACHE, else the repository's prompt_cache/ (editable install), else ~/.cache/emonb/prompt_cache."
     env = os.environ.get('EMONB_PROMPT_CACHE')
@@ -319,6 +335,7 @@ def default_cache_dir() -> Path:
     if (repo/'settings.ini').exists() and (repo/'prompt_cache').is_dir(): return repo/'prompt_cache'
     return Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache')/'emonb'/'prompt_cache'
 
+# %% ../nbs/03_prompts.ipynb #130b138b
 _ENTRY_FIELDS = {'schema': str, 'key': str, 'request': dict, 'answer': str, 'parsed': (list, dict), 'model': str,
                  'date': str, 'provenance': dict}
 
@@ -339,6 +356,7 @@ def validate_entry(entry, path=None, key: str = None) -> dict:
         raise CorruptCacheEntry(where, "provenance.source must be 'llm' or 'published'")
     return entry
 
+# %% ../nbs/03_prompts.ipynb #ceb4418d
 def read_entry(path, key: str = None) -> dict:
     "The validated cache entry in file `path` (raises `CorruptCacheEntry` naming the file)."
     path = Path(path)
@@ -346,6 +364,7 @@ def read_entry(path, key: str = None) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as e: raise CorruptCacheEntry(path, f'not valid JSON ({e})')
     return validate_entry(entry, path, key)
 
+# %% ../nbs/03_prompts.ipynb #4e6c9d69
 def make_entry(request: PromptRequest, answer: str, parsed, model: str, provenance: dict, date: str = None) -> dict:
     "A cache entry for `request` (validated)."
     date = date or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
@@ -364,6 +383,7 @@ def _same_file(fd: int, path: Path) -> bool:
     fs = os.fstat(fd)
     return (st.st_ino, st.st_dev) == (fs.st_ino, fs.st_dev)
 
+# %% ../nbs/03_prompts.ipynb #6e4911bb
 class PromptCache:
     "The prompt cache: JSON files in `folder`, backed by the published entries built into emonb."
     def __init__(self, folder=None, published: bool = True):
@@ -481,6 +501,7 @@ class PromptCache:
         "Every valid entry in the folder (a corrupt file is an error)."
         return [read_entry(p) for p in self.files()]
 
+# %% ../nbs/03_prompts.ipynb #f83ff284
 def as_cache(cache=None) -> PromptCache:
     "`cache` as a `PromptCache` (None = the default folder; a path = that folder)."
     return cache if isinstance(cache, PromptCache) else PromptCache(cache)
@@ -521,6 +542,7 @@ def template_set_request(model: str, name: str, method: str) -> PromptRequest:
     return PromptRequest(model, [{'role': 'user', 'content': f'{method} {name}'}], {}, kind='template-set',
                          about={'method': method, 'question': name})
 
+# %% ../nbs/03_prompts.ipynb #f4cca058
 _TEMPLATE_SETS = [  # (model, set name, method, raw text as in the source, parsed)
     ('published:dfer-clip-baselines', 'class prompts', 'dferclip', None, dict(DFERCLIP_CLASS_TEMPLATES)),
     ('published:exp-clip-appendix-a', 'zero-shot templates', 'expclip', None, list(EXPCLIP_TEMPLATES)),
@@ -534,6 +556,7 @@ _TEMPLATE_SETS = [  # (model, set name, method, raw text as in the source, parse
 def _published(model: str) -> dict:
     return {'source': 'published', 'set': model, **PUBLISHED_SOURCES[model]}
 
+# %% ../nbs/03_prompts.ipynb #668b4a13
 @lru_cache(maxsize=1)
 def _published_entries() -> tuple:
     out = []
@@ -552,10 +575,12 @@ def _published_entries() -> tuple:
         out.append(make_entry(template_set_request(model, name, method), text, parsed, model, _published(model), PUBLISHED_DATE))
     return tuple(out)
 
+# %% ../nbs/03_prompts.ipynb #2580f945
 def published_entries() -> dict:
     "Every published entry built into emonb, by key."
     return {e['key']: e for e in _published_entries()}
 
+# %% ../nbs/03_prompts.ipynb #7724af24
 def write_published(cache=None) -> list:
     "Write the built-in published entries that `cache`'s folder lacks; return the files written."
     cache, written = as_cache(cache), []
@@ -563,6 +588,7 @@ def write_published(cache=None) -> list:
         if not cache.path(key).exists(): cache.put(e); written.append(cache.path(key))
     return written
 
+# %% ../nbs/03_prompts.ipynb #68eece96
 def check_published(cache=None) -> list:
     "Problems with the published entries in `cache`'s folder: missing, corrupt, or different from the built-in ones."
     cache, problems = as_cache(cache), []
@@ -577,6 +603,7 @@ def check_published(cache=None) -> list:
 # %% ../nbs/03_prompts.ipynb #6fde96cf
 def _truthy(v) -> bool: return str(v or '').strip().lower() in ('1', 'true', 'yes', 'on')
 
+# %% ../nbs/03_prompts.ipynb #f3f2bdb4
 @dataclass
 class LLMSettings:
     "Where and how to call an LLM (see `llm_settings`)."
@@ -600,6 +627,7 @@ class LLMSettings:
     @property
     def endpoint(self) -> str: return self.base_url or 'https://api.openai.com/v1'
 
+# %% ../nbs/03_prompts.ipynb #d4991a88
 def llm_settings(**overrides) -> LLMSettings:
     "LLM settings from EMONB_LLM_MODEL, OPENAI_BASE_URL, OPENAI_API_KEY, EMONB_OFFLINE, EMONB_LLM_TIMEOUT/MAX_RETRIES, then `overrides` (None = keep)."
     env = os.environ
@@ -612,10 +640,12 @@ def llm_settings(**overrides) -> LLMSettings:
         if v is not None: kw[k] = v
     return LLMSettings(**kw)
 
+# %% ../nbs/03_prompts.ipynb #798a0d89
 def _is_loopback(url) -> bool:
     host = urlparse(url or '').hostname or ''
     return host in ('localhost', '::1') or host.startswith('127.')
 
+# %% ../nbs/03_prompts.ipynb #b5a8d71b
 class LLMClient:
     "A chat-completions client (the `openai` package) for any OpenAI-compatible endpoint."
     def __init__(self, settings: LLMSettings = None, **overrides):
@@ -661,6 +691,7 @@ def canned_answer(body: dict) -> str:
     return ("This is a canned answer from emonb's FakeChatServer, not from a language model.\n"
             f'1. **First test cue**: placeholder for "{q}"\n2. **Second test cue**: placeholder.\n3. **Third test cue**: placeholder.')
 
+# %% ../nbs/03_prompts.ipynb #976dbc4f
 class FakeChatServer:
     "An OpenAI-compatible chat-completions server on 127.0.0.1 for offline tests; counts its requests."
     def __init__(self, answer=canned_answer, status: int = 200, delay: float = 0.0, model: str = 'emonb-fake-llm'):
@@ -732,6 +763,7 @@ def _why_not(missing, fill: bool, settings: LLMSettings) -> str | None:
     if not settings.api_key: return 'no API key is set (OPENAI_API_KEY)'
     return None
 
+# %% ../nbs/03_prompts.ipynb #790ff6a7
 def _fill_hint(missing) -> str:
     methods = sorted({r.about.get('method') for r in missing if r.about.get('method')}) or ['<method>']
     classes = ','.join(dict.fromkeys(r.about['class'] for r in missing if r.about.get('class'))) or '<classes>'
@@ -741,6 +773,7 @@ def _fill_hint(missing) -> str:
     return (f"To fill: run {cmds} with OPENAI_API_KEY set (and OPENAI_BASE_URL for another OpenAI-compatible endpoint), "
             f"or call with fill=True; or add a published set of answers (see prompt_cache/README.md).")
 
+# %% ../nbs/03_prompts.ipynb #36db8815
 def _lookup(cache: PromptCache, request, repair: bool) -> dict | None:
     "The entry of `request`; None when missing, or when corrupt and `repair` (else a corrupt file raises)."
     try: return cache.get(request)
@@ -748,6 +781,7 @@ def _lookup(cache: PromptCache, request, repair: bool) -> dict | None:
         if repair: return None
         raise
 
+# %% ../nbs/03_prompts.ipynb #6c5207c0
 def _answer_entry(request, client: LLMClient, parser) -> dict:
     "Ask `client` for `request`; the cache entry of its answer."
     res = client.chat(request)
@@ -757,6 +791,7 @@ def _answer_entry(request, client: LLMClient, parser) -> dict:
             'emonb_version': emonb.__version__, **{k: res[k] for k in ('response_id', 'finish_reason', 'usage', 'system_fingerprint', 'seconds')}}
     return make_entry(request, res['answer'], parsed, res['model'], prov)
 
+# %% ../nbs/03_prompts.ipynb #70efee7f
 def _ask_all(requests, cache=None, fill: bool = False, settings: LLMSettings = None, client: LLMClient = None,
              parser=parse_descriptors, log=None, repair: bool = False, lock_timeout: float = None) -> tuple:
     "`ask_all`, and the keys this call asked an LLM for (not those another process answered while we waited)."
@@ -784,11 +819,13 @@ def _ask_all(requests, cache=None, fill: bool = False, settings: LLMSettings = N
         done[r.key] = e
     return [e if e is not None else done[r.key] for r, e in zip(requests, entries)], asked
 
+# %% ../nbs/03_prompts.ipynb #f7df8617
 def ask_all(requests, cache=None, fill: bool = False, settings: LLMSettings = None, client: LLMClient = None,
             parser=parse_descriptors, log=None, repair: bool = False, lock_timeout: float = None) -> list:
     "The cache entry of each request; with `fill=True`, missing LLM answers are fetched once (one process at a time) and cached."
     return _ask_all(requests, cache, fill, settings, client, parser, log, repair, lock_timeout)[0]
 
+# %% ../nbs/03_prompts.ipynb #269db884
 def ask(request: PromptRequest, **kwargs) -> dict:
     "The cache entry of one request (see `ask_all`)."
     return ask_all([request], **kwargs)[0]
@@ -805,6 +842,7 @@ def method_name(method: str) -> str:
     if key not in METHODS: raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     return key
 
+# %% ../nbs/03_prompts.ipynb #d704acd3
 @dataclass
 class PromptSet:
     "The texts one method uses for each class, with the source of each."
@@ -822,14 +860,17 @@ class PromptSet:
                 for k, ts in self.texts.items() for i, (c, t) in enumerate(zip(self.classes, ts))]
         return pd.DataFrame(rows, columns=['cls', 'kind', 'text', 'source'])
 
+# %% ../nbs/03_prompts.ipynb #643f901a
 def _source_text(entry: dict) -> str:
     p = entry['provenance']
     if p['source'] == 'published': return p.get('citation', entry['model'])
     return f"LLM {entry['model']} via {p.get('endpoint', '?')}, {entry['date']}"
 
+# %% ../nbs/03_prompts.ipynb #eb887973
 def _llm_model(model, settings) -> str | None:
     return model if model is not None else settings.model
 
+# %% ../nbs/03_prompts.ipynb #d205beea
 def llm_requests(method: str, labels, source: str = 'auto', model: str = None, cache=None, settings: LLMSettings = None) -> list:
     "The chat requests behind the prompts of `method` for `labels` (MLPER: face, body, context per class; DFER-CLIP: one per class)."
     method, names, cache = method_name(method), class_names(labels), as_cache(cache)
@@ -849,6 +890,7 @@ def llm_requests(method: str, labels, source: str = 'auto', model: str = None, c
         else: out.append(chat_request(q, llm, params=settings.params, **about))
     return out
 
+# %% ../nbs/03_prompts.ipynb #1559c304
 def mlper_prompts(labels, source: str = 'auto', model: str = None, cache=None, fill: bool = False,
                   settings: LLMSettings = None, max_items: dict = None) -> PromptSet:
     "MLPER's per-level descriptors, composite sentence and hand-crafted baseline for each class of `labels`."
@@ -865,6 +907,7 @@ def mlper_prompts(labels, source: str = 'auto', model: str = None, cache=None, f
     sources['handcrafted'] = ['MLPER Sec. I, the hand-crafted prompt "a photo of a [class] person"'] * len(names)
     return PromptSet('mlper', names, texts, sources)
 
+# %% ../nbs/03_prompts.ipynb #559fcf18
 def dferclip_prompts(labels, source: str = 'auto', model: str = None, cache=None, fill: bool = False,
                      settings: LLMSettings = None, max_items: int = None) -> PromptSet:
     "DFER-CLIP's combined description per class, and the code's two class-name baselines."
@@ -877,6 +920,7 @@ def dferclip_prompts(labels, source: str = 'auto', model: str = None, cache=None
          **{k: [fill_template(t, n) for n in names] for k, t in DFERCLIP_CLASS_TEMPLATES.items()}},
         {'description': [_source_text(e) for e in entries], 'name': [base] * len(names), 'expression': [base] * len(names)})
 
+# %% ../nbs/03_prompts.ipynb #349fa452
 def expclip_prompts(labels, official: bool = False, instruction: int = 0) -> PromptSet:
     "Exp-CLIP's zero-shot prompts per class (single templates and ensembles) and its teacher instruction."
     names = class_names(labels)
@@ -894,6 +938,7 @@ def expclip_prompts(labels, official: bool = False, instruction: int = 0) -> Pro
             sources[k] = [PUBLISHED_SOURCES['published:exp-clip-code-ensembles']['citation']] * len(names)
     return PromptSet('expclip', names, texts, sources, shared={'instruction': EXPCLIP_INSTRUCTIONS[instruction]})
 
+# %% ../nbs/03_prompts.ipynb #cb98b454
 def kefer_prompts(labels, template: str | int = KEFER_DEFAULT, words: str = 'noun') -> PromptSet:
     "The knowledge-enhanced FER prompt per class (default template of Table 3), and all nine templates."
     names = class_names(labels)
@@ -905,12 +950,14 @@ def kefer_prompts(labels, template: str | int = KEFER_DEFAULT, words: str = 'nou
                                       'templates': [tuple(fill_template(t, fill(n)) for t in KEFER_TEMPLATES) for n in names]},
                      {'prompt': [src] * len(names), 'templates': [src] * len(names)})
 
+# %% ../nbs/03_prompts.ipynb #3d6a92d5
 def cocoer_prompts(labels) -> PromptSet:
     "CocoER's vocabulary-informed prompt per class."
     names = class_names(labels)
     return PromptSet('cocoer', names, {'vocabulary': [fill_template(COCOER_TEMPLATE, n) for n in names]},
                      {'vocabulary': [PUBLISHED_SOURCES['published:cocoer-code']['citation']] * len(names)})
 
+# %% ../nbs/03_prompts.ipynb #cf9f7a09
 def method_prompts(method: str, labels, **kwargs) -> PromptSet:
     "The `PromptSet` of `method` for `labels` (keyword arguments go to that method's function)."
     fn = {'mlper': mlper_prompts, 'dferclip': dferclip_prompts, 'expclip': expclip_prompts,
@@ -923,6 +970,7 @@ def _build_requests(method: str, names, source, model, cache, st) -> list:
     if method in LLM_METHODS: return llm_requests(method, names, source, model, cache, st)
     return [template_set_request(m, n, meth) for m, n, meth, *_ in _TEMPLATE_SETS if meth == method]
 
+# %% ../nbs/03_prompts.ipynb #9c8e1f0a
 def _plan_lines(plan: dict, problems: dict, fix: dict, cache: PromptCache, st: LLMSettings) -> list:
     "The plan of a build, one line per request (corrupt ones with their file, what is wrong and what will be done)."
     lines = [f"  cached      {r.describe()}" for r in plan['file']]
@@ -932,6 +980,7 @@ def _plan_lines(plan: dict, problems: dict, fix: dict, cache: PromptCache, st: L
     lines += [f"  CALL        {r.describe()} -> {st.endpoint}" for r in plan['call']]
     return lines
 
+# %% ../nbs/03_prompts.ipynb #18feacbc
 def prompts_build(method: str, labels, model: str = None, base_url: str = None, source: str = 'auto', dry_run: bool = False,
                   cache=None, offline: bool = None, timeout: float = None, max_retries: int = None, out=print) -> dict:
     "Fill the prompt cache for `method` and `labels`, replacing corrupt entries; print the plan first. Returns what was done; `ok` is False while a corrupt entry is left."
@@ -979,6 +1028,7 @@ def prompts_build(method: str, labels, model: str = None, base_url: str = None, 
             + "\nRun the build again where an LLM is reachable, or restore the files from version control.")
     return res
 
+# %% ../nbs/03_prompts.ipynb #74a52ca0
 def prompts_show(method: str, labels, source: str = 'auto', model: str = None, cache=None, official: bool = False,
                  out=print) -> PromptSet:
     "Print the texts `method` will use for `labels`, with their sources (cache look-ups only, never the network)."

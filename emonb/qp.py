@@ -21,6 +21,7 @@ def _idx_list(b, n=20) -> str:
     i = torch.nonzero(b).flatten().tolist()
     return str(i[:n])[:-1] + (f", ... ({len(i)} in all)]" if len(i) > n else "]")
 
+# %% ../nbs/07_qp.ipynb #916eaea3
 def _check_inputs(Q, f, mask, name='solve_simplex_qp'):
     "Validate shapes and values; return float64 (Q, f, mask, squeeze) with Q symmetrised and absent entries zeroed."
     if not isinstance(Q, torch.Tensor) or not isinstance(f, torch.Tensor):
@@ -49,6 +50,7 @@ def _check_inputs(Q, f, mask, name='solve_simplex_qp'):
     Q, f = torch.where(m2, Q, 0.), torch.where(mask, f, 0.)
     return 0.5 * (Q + Q.mT), f, mask, squeeze
 
+# %% ../nbs/07_qp.ipynb #b0da5359
 def _normalise(Q, f, mask):
     "Shift f by its mean over the present levels and divide Q, f by one per-problem scale s; returns (Q/s, f'/s, s)."
     n = mask.sum(-1, keepdim=True).clamp_min(1)
@@ -57,15 +59,18 @@ def _normalise(Q, f, mask):
     s = torch.where(s > 0, s, torch.ones_like(s))
     return Q / s[:, None, None], f / s[:, None], s
 
+# %% ../nbs/07_qp.ipynb #67fbd8d9
 def _grad(Q, f, lam):
     "g = Qλ − f (a broadcast product: batched tiny matmuls are slower on CPU)."
     return (Q * lam[..., None, :]).sum(-1) - f
 
+# %% ../nbs/07_qp.ipynb #d91597b7
 def _gap(Q, f, lam, mask):
     "Frank–Wolfe duality gap gᵀλ − min_i g_i over the present levels."
     g = _grad(Q, f, lam)
     return (g * lam).sum(-1) - torch.where(mask, g, torch.inf).amin(-1)
 
+# %% ../nbs/07_qp.ipynb #a20720e7
 def simplex_qp_objective(Q, f, lam, mask=None):
     "½ λᵀQλ − fᵀλ per problem, (B,); absent levels (mask False) contribute nothing. Differentiable."
     if mask is not None:
@@ -74,6 +79,7 @@ def simplex_qp_objective(Q, f, lam, mask=None):
     Q, f, lam = Q.to(dt), f.to(dt), lam.to(dt)
     return ((0.5 * (Q * lam[..., None, :]).sum(-1) - f) * lam).sum(-1)
 
+# %% ../nbs/07_qp.ipynb #34ae0e73
 def simplex_qp_gap(Q, f, lam, mask=None):
     "Duality gap of `lam` (float64, (B,)): ≥ objective(lam) − optimum, and 0 exactly when `lam` satisfies the KKT conditions."
     Q2, f2, mask, squeeze = _check_inputs(Q, f, mask, 'simplex_qp_gap')
@@ -112,6 +118,7 @@ def _faces(q, device):
                        for k in range(1, q + 1)]
     return _FACES[key]
 
+# %% ../nbs/07_qp.ipynb #adf5af43
 def _face_solutions(Q, f, mask):
     "For every support S: the minimiser on the affine hull of face S. Returns objectives (B, F) (inf = infeasible) and λ (B, F, q)."
     B, q = f.shape
@@ -141,10 +148,12 @@ def _face_solutions(Q, f, mask):
         objs.append(torch.where(ok, simplex_qp_objective(Q[:, None], f[:, None], full), torch.inf)); lams.append(full)
     return torch.cat(objs, 1), torch.cat(lams, 1)
 
+# %% ../nbs/07_qp.ipynb #caa2f5c6
 def _first_min(v):
     "Index of the first entry within _TIE_TOL of the row minimum."
     return (v <= v.amin(-1, keepdim=True) + _TIE_TOL).to(torch.int8).argmax(-1)
 
+# %% ../nbs/07_qp.ipynb #92c192bb
 def _solve_exact(Q, f, mask):
     obj, lam = _face_solutions(Q, f, mask)
     return lam[torch.arange(len(f), device=f.device), _first_min(obj)]
@@ -154,6 +163,7 @@ def _best_vertex(Q, f, mask):
     "One-hot of the vertex with the least objective ½Q_ii − f_i (first among ties)."
     return torch.nn.functional.one_hot(_first_min(torch.where(mask, 0.5 * Q.diagonal(dim1=-2, dim2=-1) - f, torch.inf)), f.shape[-1]).to(Q.dtype)
 
+# %% ../nbs/07_qp.ipynb #0ae18488
 def _kkt_solve(Q, f, S):
     "The solution (B, q) of the equality-constrained KKT system on supports S (B, q); symmetric pseudo-inverse where singular."
     B, q = f.shape
@@ -169,6 +179,7 @@ def _kkt_solve(Q, f, S):
         x = x.clone(); x[bad] = (torch.linalg.pinv(K[bad], hermitian=True, rtol=1e-12) @ rhs[bad])[..., 0]
     return torch.where(S, x[:, :q], 0.)
 
+# %% ../nbs/07_qp.ipynb #dabe3efa
 def _polish(Q, f, lam, mask, tol, rounds=3):
     """Exact KKT solves on the support of `lam`, corrected like an active-set method: an infeasible solution drops its most
     negative coordinate, a feasible but not optimal one adds the level of least gradient. Returns (candidate, certified),
@@ -190,6 +201,7 @@ def _polish(Q, f, lam, mask, tol, rounds=3):
         S = torch.where(feas[:, None], S | add, S & ~drop)
     return best, cert
 
+# %% ../nbs/07_qp.ipynb #307a8c57
 def _fista_steps(Q, f, mask, x, y, tk, step, n):
     "n FISTA steps with gradient-based adaptive restart."
     for _ in range(n):
@@ -200,6 +212,7 @@ def _fista_steps(Q, f, mask, x, y, tk, step, n):
         x, tk = xn, torch.where(restart, torch.ones_like(tn), tn)
     return x, y, tk
 
+# %% ../nbs/07_qp.ipynb #6ad0a34d
 _ENUM_MAX_Q = 10   # face enumeration is allowed up to q = 10 (1,023 faces)
 
 def _solve_iterative(Q, f, mask, lam0, tol, max_iter, check_every=8, enumerate_after=256):
@@ -274,6 +287,7 @@ def solve_simplex_qp(Q, f, mask=None, method: str = 'auto', tol: float = 1e-9, m
     if squeeze: return out[0], {k: (v[0] if isinstance(v, torch.Tensor) else v) for k, v in info.items()}
     return out, info
 
+# %% ../nbs/07_qp.ipynb #acc5982b
 def gram_qp(G, f, mask=None, **kwargs):
     "solve_simplex_qp with Q = G Gᵀ (formed in float64) from per-level gradients G (B, q, n); λ in G's dtype."
     if not isinstance(G, torch.Tensor) or G.ndim not in (2, 3): raise ValueError(f"gram_qp: G must be a tensor of shape (B, q, n), got {getattr(G, 'shape', type(G))}")

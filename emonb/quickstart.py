@@ -36,6 +36,7 @@ def fer2013_folder_dataloaders(root, bs: int = 64, valid_pct: float = 0.1, seed:
                                  if augment else None)
     return block.dataloaders(root/'Training', bs=bs, num_workers=num_workers)
 
+# %% ../nbs/19_quickstart.ipynb #21ec7af7
 def small_xresnet(c_in: int = 1, n_out: int = 7, widen: float = 0.5):
     "fastai's XResNet with one residual block per stage: a fast classifier for small images on a CPU."
     return XResNet(ResBlock, 1, [1, 1, 1, 1], c_in=c_in, n_out=n_out, widen=widen)
@@ -50,6 +51,7 @@ def world_label(seed: int) -> str:
     "What every figure and report of the quickstart says its data are."
     return f"synthetic world (emonb.synth, seed {seed})"
 
+# %% ../nbs/19_quickstart.ipynb #d9cfc8cf
 def label_world_reports(folder, data: str, redraw: bool = True) -> list:
     "Write `data` into every metrics.json under `folder` (a `data` field) and, with `redraw`, redraw its confusion.png with `data` under the title; return the files."
     files = sorted(Path(folder).rglob('metrics.json'))
@@ -64,6 +66,7 @@ def label_world_reports(folder, data: str, redraw: bool = True) -> list:
             fig.savefig(f.parent/'confusion.png', dpi=120)
     return files
 
+# %% ../nbs/19_quickstart.ipynb #2a656fc2
 @contextmanager
 def _console_bars_hidden():
     "Hide fastprogress's console bars (`NO_BAR`) in the block: the trainers' time-left lines would tear them; epoch tables and those lines stay."
@@ -72,6 +75,7 @@ def _console_bars_hidden():
     try: yield
     finally: fp.NO_BAR = old
 
+# %% ../nbs/19_quickstart.ipynb #14ca7897
 def _world_faces_teacher(root, text_encoder=None):
     "Exp-CLIP's label-free teacher for a faces dataset written by emonb.synth: the world's description of each file's face, read by a text encoder."
     from emonb.synth import load_world
@@ -87,8 +91,10 @@ def _world_faces_teacher(root, text_encoder=None):
             return super().scenes([self.where[str(p)] for p in images])
     return WorldFilesTeacher(root, text_encoder)
 
+# %% ../nbs/19_quickstart.ipynb #1b346acb
 def _clock(s: float) -> str: return f"{int(s) // 60}:{int(s) % 60:02d}"
 
+# %% ../nbs/19_quickstart.ipynb #7d426660
 @records_outputs('out')
 def compare_methods(out, seed: int = 0, methods=COMPARED_METHODS, n_faces: int = 560, n_clips: int = 140, n_scenes: int = 420,
                     overwrite: bool = False, verbose: bool = True) -> pd.DataFrame:
@@ -164,6 +170,7 @@ def compare_methods(out, seed: int = 0, methods=COMPARED_METHODS, n_faces: int =
                                                   note='synthetic world, CPU budgets: every pipeline learns; not a ranking of methods'))
     return table
 
+# %% ../nbs/19_quickstart.ipynb #d5ef9e6d
 def comparison_markdown(table: pd.DataFrame, caption: str = None) -> str:
     "The comparison table as Markdown (what the README shows), under `caption` if given."
     lines = ([caption, ''] if caption else []) + ['| method | data | test n | WAR | UAR | seconds |', '|---|---|---|---|---|---|']
@@ -181,10 +188,12 @@ def _check_quickstart_args(n_train, n_test, epochs, bs, lr):
     if n_fit < bs: raise ValueError(f"n_train={n_train} leaves {n_fit} training images after the 10% validation hold-out, fewer than one "
                                     f"batch (bs={bs}): nothing would be trained; raise n_train or lower bs")
 
+# %% ../nbs/19_quickstart.ipynb #25ef78c7
 def quickstart_steps(methods=COMPARED_METHODS) -> list:
     "The quickstart's steps, in order: what its `[i/n]` lines count."
     return ['data', 'train', 'test', 'report'] + (['methods'] if methods else [])
 
+# %% ../nbs/19_quickstart.ipynb #c6e78d2a
 @records_outputs('out')
 def quickstart(out=None, seed: int = 0, n_train: int = 2800, n_test: int = 700, epochs: int = 8, bs: int = 64,
                lr: float = 3e-3, overwrite: bool = False, progress: bool = True, verbose: bool = True,

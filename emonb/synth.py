@@ -47,6 +47,7 @@ def au_intensity(aus: dict, au: str, side: str | None = None) -> float:
     if side is not None: v = max(v, float(aus.get(au + side, 0.)))
     return v
 
+# %% ../nbs/01_synth.ipynb #6193e0ed
 def expression_aus(emotion: str, intensity: float = 1., rng: np.random.Generator | None = None,
                    jitter: float = 0., side: str = 'R') -> dict:
     "The action units of `emotion` at `intensity`, each scaled by a random factor within ±`jitter`; unilateral AUs on `side`."
@@ -66,6 +67,7 @@ CONFLICT_LABELS = ('majority', 'face')
 
 def _default_classes(): return label_set('basic7').names
 
+# %% ../nbs/01_synth.ipynb #b7d956af
 @dataclass
 class WorldParams:
     "Every parameter of the synthetic world; checked by `validate` when made."
@@ -157,13 +159,16 @@ class Identity:
     trousers_color: tuple
     backdrop: tuple
 
+# %% ../nbs/01_synth.ipynb #0490ed21
 def _jitter_color(rng, c, amount=12): return tuple(int(np.clip(v + rng.integers(-amount, amount + 1), 0, 255)) for v in c)
 
+# %% ../nbs/01_synth.ipynb #0be99952
 def _muted_color(rng, lo=60, hi=220):
     "a random colour of low saturation"
     base = rng.uniform(lo, hi)
     return tuple(int(np.clip(base + rng.uniform(-35, 35), 0, 255)) for _ in range(3))
 
+# %% ../nbs/01_synth.ipynb #2f65a71a
 def random_identity(rng: np.random.Generator) -> Identity:
     "A random person (always the same number of draws from `rng`)."
     skin = _jitter_color(rng, SKIN_TONES[rng.integers(len(SKIN_TONES))], 10)
@@ -182,12 +187,15 @@ def _mix(a, b, t: float) -> tuple:
     t = float(np.clip(t, 0, 1))
     return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b))
 
+# %% ../nbs/01_synth.ipynb #e85de434
 def _shade(c, f: float) -> tuple: return tuple(int(np.clip(round(x * f), 0, 255)) for x in c)
 
+# %% ../nbs/01_synth.ipynb #05d0a725
 def _ellipse(cx, cy, rx, ry, n=24, a0=0., a1=2 * math.pi) -> np.ndarray:
     a = np.linspace(a0, a1, n, endpoint=(a1 - a0) < 2 * math.pi - 1e-9)
     return np.stack([cx + rx * np.cos(a), cy + ry * np.sin(a)], 1)
 
+# %% ../nbs/01_synth.ipynb #b1b264c0
 def _bezier(p0, p1, p2, n=9) -> np.ndarray:
     "quadratic curve from `p0` to `p2` passing through `p1` at its middle"
     p0, p1, p2 = (np.asarray(p, float) for p in (p0, p1, p2))
@@ -195,6 +203,7 @@ def _bezier(p0, p1, p2, n=9) -> np.ndarray:
     t = np.linspace(0, 1, n)[:, None]
     return (1 - t) ** 2 * p0 + 2 * t * (1 - t) * c + t ** 2 * p2
 
+# %% ../nbs/01_synth.ipynb #cb7ee171
 class FacePen:
     "Draws polygons and lines given in unit face coordinates onto a Pillow `ImageDraw`, through yaw, roll, scale and shift."
     R = 0.34  # radius of the head cylinder, in face units
@@ -233,6 +242,7 @@ def _head_outline(ident: Identity, jaw_drop: float) -> np.ndarray:
     ry = np.where(s > 0, 0.43 + 0.05 * jaw_drop, 0.45)
     return np.stack([cx + rx * taper * np.sign(c) * np.abs(c) ** e, cy + ry * np.sign(s) * np.abs(s) ** e], 1)
 
+# %% ../nbs/01_synth.ipynb #f6011e48
 def _draw_brows(pen, ident, aus, skin, brow_color, dy):
     A1, A2, A4, A9 = (au_intensity(aus, k) for k in ('AU1', 'AU2', 'AU4', 'AU9'))
     k = ident.eye_spacing
@@ -260,6 +270,7 @@ def _draw_brows(pen, ident, aus, skin, brow_color, dy):
         half_w = 0.014 * ident.brow_thickness * np.linspace(1.1, 0.6, len(c))[:, None]
         pen.polygon(np.concatenate([c + nrm * half_w, (c - nrm * half_w)[::-1]]), brow_color, depth=0.05)
 
+# %% ../nbs/01_synth.ipynb #90092699
 def _draw_eyes(pen, ident, aus, skin, dy):
     A4, A5, A6, A7, A9 = (au_intensity(aus, k) for k in ('AU4', 'AU5', 'AU6', 'AU7', 'AU9'))
     ew, ri = 0.066 * ident.eye_size, 0.029 * ident.eye_size
@@ -292,6 +303,7 @@ def _draw_eyes(pen, ident, aus, skin, dy):
             pen.line(_bezier((ex - 0.05, ey + lo + 0.018), (ex, ey + lo + 0.024), (ex + 0.05, ey + lo + 0.018)),
                      _mix(skin, _DARK, 0.35 * A7), 0.005, depth=0.1)
 
+# %% ../nbs/01_synth.ipynb #d902e213
 def _mouth_geometry(ident, aus, dy):
     "corner points and the four lip curves of the mouth, in unit face coordinates"
     A = {k: au_intensity(aus, k) for k in ('AU9', 'AU15', 'AU16', 'AU20', 'AU23', 'AU26')}
@@ -311,6 +323,7 @@ def _mouth_geometry(ident, aus, dy):
     return dict(x=x, t=t, upper_lip=upper_lip, upper_seam=upper_seam, lower_seam=lower_seam, lower_lip=lower_lip,
                 gap=float((lower_seam - upper_seam).max()), A=A, A14=A14)
 
+# %% ../nbs/01_synth.ipynb #2c7c472f
 def _draw_nose_and_mouth(pen, ident, aus, skin, dy):
     A6, A9 = au_intensity(aus, 'AU6'), au_intensity(aus, 'AU9')
     dark = _shade(skin, 0.55)
@@ -365,6 +378,7 @@ def _draw_hair_back(pen, ident, hair):
     elif ident.hair_style == 'bun':
         pen.polygon(_ellipse(0.5, 0.08, 0.085, 0.075, 16), hair, depth=None)
 
+# %% ../nbs/01_synth.ipynb #d8f32707
 def _draw_hair_front(pen, ident, hair, dy):
     if ident.hair_style == 'bald': return
     rx = 0.34 * ident.head_width * 1.05
@@ -376,6 +390,7 @@ def _draw_hair_front(pen, ident, hair, dy):
     if ident.hair_style == 'curly':
         for p in arc[::2]: pen.polygon(_ellipse(p[0], p[1] + 0.01, 0.045, 0.045, 10), hair, depth=None)
 
+# %% ../nbs/01_synth.ipynb #f6d35a04
 def _draw_glasses(pen, ident, dy, color=(35, 35, 40), fill=None, width=0.011):
     k = ident.eye_spacing
     rims = []
@@ -389,6 +404,7 @@ def _draw_glasses(pen, ident, dy, color=(35, 35, 40), fill=None, width=0.011):
         pen.line([(ex + s * 0.085, 0.43 + dy), (0.5 + s * 0.34 * ident.head_width, 0.44 + dy)], color, width, depth=0.05)
     pen.line([(0.5 - 0.145 * k + 0.085, 0.44 + dy), (0.5, 0.43 + dy), (0.5 + 0.145 * k - 0.085, 0.44 + dy)], color, width, depth=0.15)
 
+# %% ../nbs/01_synth.ipynb #ae52eb0d
 def _draw_occlusion(pen, kind, ident, rng, dy):
     if kind == 'sunglasses':
         _draw_glasses(pen, ident, dy, color=(15, 15, 18), fill=(22, 22, 28), width=0.014)
@@ -461,6 +477,7 @@ def _rotate_about(p, pivot, deg):
     a = math.radians(deg); x, y = p[0] - pivot[0], p[1] - pivot[1]
     return (pivot[0] + x * math.cos(a) + y * math.sin(a), pivot[1] - x * math.sin(a) + y * math.cos(a))
 
+# %% ../nbs/01_synth.ipynb #5d52544c
 def figure_layout(emotion: str, center_x: float, ground_y: float, height: float, mirrored: bool = False,
                   image_size: int | None = None) -> dict:
     "Pixel joints, head pose, face box and body box of a figure in the posture of `emotion`."
@@ -498,6 +515,7 @@ def figure_layout(emotion: str, center_x: float, ground_y: float, height: float,
     return dict(joints=joints, hands=hands, head_roll=roll, pitch=P.get('pitch', 0.), height=height,
                 face_box=clip(face_box), body_box=clip(body))
 
+# %% ../nbs/01_synth.ipynb #ce5d3312
 def _draw_hand(draw, center, direction, shape, r, skin):
     "a hand of radius `r` px at `center`; `direction` is the forearm's direction (elbow to hand)"
     cx, cy = center
@@ -516,6 +534,7 @@ def _draw_hand(draw, center, direction, shape, r, skin):
     if shape == 'fist':
         draw.line([(cx - rr * 0.6, cy - rr * 0.1), (cx + rr * 0.6, cy - rr * 0.1)], fill=edge, width=max(1, int(r * 0.2)))
 
+# %% ../nbs/01_synth.ipynb #5dfd4cb3
 def draw_body(draw: ImageDraw.ImageDraw, layout: dict, ident: Identity):
     "Draw the figure of `figure_layout` (legs, torso, arms, hands, neck) onto `draw`; the head is drawn by `draw_face`."
     J, H = layout['joints'], layout['height']
@@ -542,12 +561,14 @@ _BRIGHT = ((230, 40, 60), (40, 120, 230), (250, 200, 30), (40, 180, 90), (240, 1
 
 def _pick(rng, options): return options[rng.integers(len(options))]
 
+# %% ../nbs/01_synth.ipynb #04723842
 def _vertical_gradient(draw, W, top, bottom, y0=0, y1=None, steps=16):
     y1 = W if y1 is None else y1
     for k in range(steps):
         c = _mix(top, bottom, k / (steps - 1))
         draw.rectangle([0, y0 + (y1 - y0) * k / steps, W, y0 + (y1 - y0) * (k + 1) / steps + 1], fill=c)
 
+# %% ../nbs/01_synth.ipynb #38b6eb0f
 def _room(draw, W, rng, walls, floors):
     "a wall and a floor; returns the y of the horizon"
     wall, floor = _jitter_color(rng, _pick(rng, walls), 10), _jitter_color(rng, _pick(rng, floors), 10)
@@ -557,10 +578,12 @@ def _room(draw, W, rng, walls, floors):
     draw.line([(0, horizon), (W, horizon)], fill=_shade(wall, 0.7), width=max(1, W // 64))
     return horizon
 
+# %% ../nbs/01_synth.ipynb #62adb548
 def _side_x(rng, W):
     "an x near the left or right edge, where objects do not hide behind the figure"
     return W * (rng.uniform(0.04, 0.26) if rng.random() < 0.5 else rng.uniform(0.74, 0.96))
 
+# %% ../nbs/01_synth.ipynb #491fd32f
 def context_plain_room(draw, W, rng):
     u = W / 100
     h = _room(draw, W, rng, ((222, 214, 196), (205, 208, 210), (214, 222, 214), (226, 220, 210)), ((170, 140, 105), (150, 150, 150), (185, 165, 130)))
@@ -588,6 +611,7 @@ def context_plain_room(draw, W, rng):
             draw.ellipse([x - 6 * u, y - 6 * u, x + 6 * u, y + 6 * u], fill=(250, 250, 250), outline=(40, 40, 40), width=int(u))
             draw.line([(x, y), (x, y - 4 * u)], fill=(20, 20, 20), width=int(u)); draw.line([(x, y), (x + 3 * u, y + 1 * u)], fill=(20, 20, 20), width=int(u))
 
+# %% ../nbs/01_synth.ipynb #6d23ae35
 def context_party(draw, W, rng):
     u = W / 100
     h = _room(draw, W, rng, ((255, 220, 230), (255, 240, 190), (230, 215, 255), (255, 225, 200)), ((200, 170, 140), (180, 150, 190)))
@@ -615,6 +639,7 @@ def context_party(draw, W, rng):
             draw.line([(x + k * u, h - 7 * u), (x + k * u, h - 11 * u)], fill=_pick(rng, _BRIGHT), width=int(u))
             draw.ellipse([x + (k - 0.6) * u, h - 13 * u, x + (k + 0.6) * u, h - 11 * u], fill=(255, 200, 40))
 
+# %% ../nbs/01_synth.ipynb #f2fe6d4b
 def context_rain(draw, W, rng):
     u = W / 100
     h = W * rng.uniform(0.7, 0.8)
@@ -634,6 +659,7 @@ def context_rain(draw, W, rng):
         x, y = rng.uniform(0, W + 10 * u), rng.uniform(0, W)
         draw.line([(x, y), (x - 2 * u, y + 7 * u)], fill=(190, 198, 212), width=max(1, int(0.4 * u)))
 
+# %% ../nbs/01_synth.ipynb #f509bde5
 def context_gift(draw, W, rng):
     u = W / 100
     h = _room(draw, W, rng, ((185, 230, 250), (252, 246, 200), (220, 250, 220)), ((230, 215, 190), (200, 200, 210)))
@@ -657,6 +683,7 @@ def context_gift(draw, W, rng):
         draw.polygon([(sx, sy - r), (sx + r * 0.3, sy - r * 0.3), (sx + r, sy), (sx + r * 0.3, sy + r * 0.3), (sx, sy + r),
                       (sx - r * 0.3, sy + r * 0.3), (sx - r, sy), (sx - r * 0.3, sy - r * 0.3)], fill=(255, 225, 60))
 
+# %% ../nbs/01_synth.ipynb #fce23592
 def context_dark(draw, W, rng):
     u = W / 100
     h = W * rng.uniform(0.72, 0.82)
@@ -682,6 +709,7 @@ def context_dark(draw, W, rng):
     for k in (-1, 1):
         draw.ellipse([x + k * 3.5 * s * u - 1.6 * u, h - 43 * s * u - u, x + k * 3.5 * s * u + 1.6 * u, h - 43 * s * u + u], fill=eye)
 
+# %% ../nbs/01_synth.ipynb #88004f50
 def context_garbage(draw, W, rng):
     u = W / 100
     h = _room(draw, W, rng, ((132, 130, 88), (120, 108, 78), (110, 120, 90)), ((92, 82, 58), (80, 76, 60)))
@@ -707,6 +735,7 @@ def context_garbage(draw, W, rng):
         draw.ellipse([fx - 1.4 * u, fy - 1.6 * u, fx, fy - 0.2 * u], fill=(200, 205, 210))
         draw.ellipse([fx - 0.8 * u, fy - 0.8 * u, fx + 0.8 * u, fy + 0.8 * u], fill=(10, 10, 10))
 
+# %% ../nbs/01_synth.ipynb #46d62410
 def context_clutter(draw, W, rng):
     u = W / 100
     h = W * rng.uniform(0.7, 0.8)
@@ -739,6 +768,7 @@ def context_clutter(draw, W, rng):
     for k in (-1, 0, 1):
         draw.line([(x + s * 9 * u, h - 40 * u + k * 3 * u), (x + s * 14 * u, h - 41 * u + k * 5 * u)], fill=(250, 240, 220), width=max(1, int(0.7 * u)))
 
+# %% ../nbs/01_synth.ipynb #7ff949c6
 def context_office(draw, W, rng):
     u = W / 100
     h = _room(draw, W, rng, ((190, 200, 212), (200, 200, 205), (180, 192, 200)), ((110, 110, 122), (96, 104, 118)))
@@ -757,6 +787,7 @@ def context_office(draw, W, rng):
     draw.rectangle([cx - 7 * u, cy - 5 * u, cx + 7 * u, cy + 5 * u], fill=(245, 240, 225))
     for k in (-2, 0, 2): draw.line([(cx - 4 * u, cy + k * u), (cx + 4 * u, cy + k * u)], fill=(150, 150, 150), width=max(1, int(0.4 * u)))
 
+# %% ../nbs/01_synth.ipynb #08c0f65f
 CONTEXTS = {'neutral': context_plain_room, 'happiness': context_party, 'sadness': context_rain, 'surprise': context_gift,
             'fear': context_dark, 'disgust': context_garbage, 'anger': context_clutter, 'contempt': context_office}
 
@@ -817,9 +848,11 @@ def describe_face(aus: dict, occlusion: str | None = None) -> list:
     if not out: out.append('a relaxed, expressionless face' if eyes_seen and mouth_seen else 'a calm look')
     return out
 
+# %% ../nbs/01_synth.ipynb #31312685
 def _join(phrases):
     return phrases[0] if len(phrases) == 1 else ', '.join(phrases[:-1]) + ' and ' + phrases[-1]
 
+# %% ../nbs/01_synth.ipynb #45d3a8a7
 def compose_caption(aus: dict, body_emotion: str, context_emotion: str, ident: Identity, occlusion: str | None,
                     emotion: str, mention_emotion: bool, rng: np.random.Generator) -> str:
     "An alt-text-like caption: face, posture, situation, sometimes the person's looks, and the emotion if `mention_emotion`."
@@ -911,9 +944,11 @@ def expression_profile(n_frames: int, apex_frames: int, onset_frames: int | None
 # %% ../nbs/01_synth.ipynb #7689c8ea
 def _split_code(split: str) -> int: return zlib.crc32(split.encode('utf-8'))
 
+# %% ../nbs/01_synth.ipynb #6e2a756c
 def _int_box(b, size):
     return (int(max(0, math.floor(b[0]))), int(max(0, math.floor(b[1]))), int(min(size, math.ceil(b[2]))), int(min(size, math.ceil(b[3]))))
 
+# %% ../nbs/01_synth.ipynb #f24cc0d5
 class SyntheticWorld:
     "A deterministic procedural world of emotional scenes: sample `i` of a split is a pure function of `(seed, split, i)`."
     def __init__(self, params: WorldParams | None = None, seed: int = 0, **param_overrides):
@@ -1080,6 +1115,7 @@ def register_layout(name: str, labels: str | None = None, splits: dict | None = 
         return fn
     return _register
 
+# %% ../nbs/01_synth.ipynb #bd28e2d6
 def layout_label_set(world: SyntheticWorld, name: str) -> LabelSet:
     "The label set `name` of a layout, after checking that it has every class of `world`."
     ls = label_set(name)
@@ -1089,6 +1125,7 @@ def layout_label_set(world: SyntheticWorld, name: str) -> LabelSet:
                          f"make the world with classes={[c for c in world.classes if c in ls.names]}")
     return ls
 
+# %% ../nbs/01_synth.ipynb #60e34d34
 def manifest_row(path: str, split: str, scene: Scene, ls: LabelSet, boxes: bool = False) -> dict:
     "One manifest row for the file at `path` (relative to the dataset root) showing `scene`, labelled in `ls`."
     k = ls.index(scene.label)
@@ -1099,9 +1136,11 @@ def manifest_row(path: str, split: str, scene: Scene, ls: LabelSet, boxes: bool 
         for nm, b in (('face', scene.face_box), ('body', scene.body_box)): row.update(zip([f'{nm}_{c}' for c in ('x0', 'y0', 'x1', 'y1')], b))
     return row
 
+# %% ../nbs/01_synth.ipynb #a7e90f2d
 def _report(progress, layout, split, n, t0):
     if progress: print(f"{layout}: wrote {n} files of split {split!r} in {time.perf_counter() - t0:.1f}s")
 
+# %% ../nbs/01_synth.ipynb #23198b49
 @records_outputs('root')
 def write_dataset(world: SyntheticWorld, root, layout: str, sizes: dict, overwrite: bool = False,
                   progress: bool = False) -> pd.DataFrame:
@@ -1124,6 +1163,7 @@ def write_dataset(world: SyntheticWorld, root, layout: str, sizes: dict, overwri
     atomic_write_text(root / 'emonb_synth.json', json.dumps(info, indent=2, default=lambda o: o.item() if hasattr(o, 'item') else str(o)) + '\n')
     return manifest
 
+# %% ../nbs/01_synth.ipynb #2efa7031
 def load_world(root) -> SyntheticWorld:
     "The `SyntheticWorld` that wrote the dataset at `root` (from its `emonb_synth.json`)."
     path = Path(root) / 'emonb_synth.json'
@@ -1180,6 +1220,7 @@ def _mat_struct_array(records: list) -> np.ndarray:
         for k, v in r.items(): arr[i][k] = v
     return arr
 
+# %% ../nbs/01_synth.ipynb #92d06d55
 def emotic_categories(scene: Scene) -> list:
     "EMOTIC categories of a scene's person: those of its label, plus those of a level showing another emotion."
     cats = list(EMOTIC_OF[scene.label])
@@ -1188,6 +1229,7 @@ def emotic_categories(scene: Scene) -> list:
         if e != scene.label: cats += [c for c in EMOTIC_OF[e] if c not in cats]
     return cats
 
+# %% ../nbs/01_synth.ipynb #104f8ebb
 @register_layout('rafdb', labels='rafdb', splits={'train': 'train', 'test': 'test'})
 def write_rafdb(world: SyntheticWorld, root: Path, sizes: dict, progress: bool = False) -> list:
     "RAF-DB basic layout: `basic/EmoLabel/list_patition_label.txt` + 100x100 faces in `basic/Image/aligned/`."
@@ -1206,6 +1248,7 @@ def write_rafdb(world: SyntheticWorld, root: Path, sizes: dict, progress: bool =
     atomic_write_text(root / 'basic' / 'EmoLabel' / 'list_patition_label.txt', '\n'.join(lines) + '\n')
     return rows
 
+# %% ../nbs/01_synth.ipynb #3bcda3df
 @register_layout('emotic', splits={'train': 'train', 'val': 'val', 'test': 'test'})   # classes mapped by EMOTIC_OF
 def write_emotic(world: SyntheticWorld, root: Path, sizes: dict, progress: bool = False) -> list:
     "EMOTIC layout: scenes in `emotic/synth/images/`, `Annotations/Annotations.mat` with one person per image."
@@ -1236,6 +1279,7 @@ def write_emotic(world: SyntheticWorld, root: Path, sizes: dict, progress: bool 
     savemat(root / 'Annotations' / 'Annotations.mat', mat)
     return rows
 
+# %% ../nbs/01_synth.ipynb #775c9d25
 @register_layout('dfew', labels='dfew', splits={'train': 'train', 'test': 'test'})
 def write_dfew(world: SyntheticWorld, root: Path, sizes: dict, progress: bool = False, clip_size: int = 64,
                clip_frames: tuple = (8, 40)) -> list:

@@ -32,6 +32,7 @@ class RefAttention(nn.Module):
         o = (w.softmax(-1) @ v).transpose(0, 1).reshape(L, N, D)
         return self.out_proj(o)
 
+# %% ../nbs/04b_testing.ipynb #aefa0581
 class RefBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -42,6 +43,7 @@ class RefBlock(nn.Module):
         h = self.mlp.c_fc(self.ln_2(x))
         return x + self.mlp.c_proj(h * torch.sigmoid(1.702 * h))                      # QuickGELU
 
+# %% ../nbs/04b_testing.ipynb #fc533a1d
 class RefTransformer(nn.Module):
     def __init__(self, width, layers, heads):
         super().__init__(); self.resblocks = nn.ModuleList([RefBlock(width, heads) for _ in range(layers)])
@@ -49,6 +51,7 @@ class RefTransformer(nn.Module):
         for b in self.resblocks: x = b(x, mask)
         return x
 
+# %% ../nbs/04b_testing.ipynb #ab593a39
 class RefVisual(nn.Module):
     def __init__(self, size, patch, width, layers, heads, out):
         super().__init__()
@@ -64,6 +67,7 @@ class RefVisual(nn.Module):
         x = self.transformer(self.ln_pre(x).transpose(0, 1)).transpose(0, 1)
         return self.ln_post(x[:, 0]) @ self.proj
 
+# %% ../nbs/04b_testing.ipynb #d6d42b3b
 class RefCLIP(nn.Module):
     "OpenAI's CLIP (ViT image tower), its state-dict names, its initialisation; forward(image, text) -> (image features, text features)."
     def __init__(self, embed=512, size=224, patch=32, v_width=768, v_layers=12, t_width=512, t_layers=12, context=77, vocab=49408,

@@ -37,6 +37,7 @@ def _bad_rows(csv, mask, what: str) -> ValueError:
     shown = ', '.join(map(str, lines[:8])) + (f" ... ({len(lines)} in all)" if len(lines) > 8 else '')
     return ValueError(f"{csv}: {what} on line(s) {shown}")
 
+# %% ../nbs/18_train.ipynb #6ad0900c
 def _table_label_set(csv, df, labels):
     "The label set of a table: `labels`, else its single `dataset` value; they must agree when both are given."
     names = sorted(df.dataset.dropna().astype(str).unique()) if 'dataset' in df.columns else []
@@ -50,6 +51,7 @@ def _table_label_set(csv, df, labels):
         raise ValueError(f"{csv}: labels={labels!r} but its dataset column says {names[:5]}: drop the column or pass the set it names")
     return ls
 
+# %% ../nbs/18_train.ipynb #f7cddd6b
 def _table_labels(csv, df, ls) -> np.ndarray:
     "Each row's class index in `ls`, from `label` and/or `label_name`, every value checked."
     n, idx = len(ls.names), None
@@ -69,6 +71,7 @@ def _table_labels(csv, df, ls) -> np.ndarray:
         idx = by_name
     return idx
 
+# %% ../nbs/18_train.ipynb #c2e60186
 def read_table(csv, labels=None) -> pd.DataFrame:
     "A sample table saved as CSV (`TABLE_COLUMNS`; e.g. `emonb crops`' crops.csv), every label checked against the label set `labels` (default: the table's `dataset` column)."
     csv = Path(csv)
@@ -89,6 +92,7 @@ def read_table(csv, labels=None) -> pd.DataFrame:
     df.attrs.update(label_set=ls.name, dataset=f'table {csv.name}')
     return df
 
+# %% ../nbs/18_train.ipynb #412ccd68
 TRAIN_READERS = {**DATASET_READERS, 'dfew': read_dfew, 'mafw': read_mafw, 'ferv39k': read_ferv39k, 'afew': read_afew,
                  'emotic': read_emotic, 'world': world_table, 'table': read_table}
 
@@ -100,6 +104,7 @@ def read_training_table(dataset: str, root, labels=None) -> pd.DataFrame:
     if labels is not None: raise ValueError(f"labels= (--labels) names the label set of a table; the {dataset} reader knows its own")
     return TRAIN_READERS[dataset](root)
 
+# %% ../nbs/18_train.ipynb #8d28a37b
 def load_clip(clip_model: str = None, weights=None, device='cpu', activation: str = None) -> ClipEncoder:
     "The synthetic world's CLIP (no arguments) or an open_clip model `clip_model` with a local `weights` file (OpenAI's QuickGELU unless `activation='gelu'`: see `ClipEncoder.from_pretrained`)."
     if clip_model is None and weights is None:
@@ -130,6 +135,7 @@ def _table_stamp(df: pd.DataFrame) -> str:
         except OSError: h.update(f'{p}\0missing\n'.encode())
     return h.hexdigest()[:24]
 
+# %% ../nbs/18_train.ipynb #c10ea608
 STRICT_PROBLEMS = ('class with no samples', 'frame count mismatch', 'truncated video')   # notes that strict=True makes errors
 
 def _find_problems(df: pd.DataFrame) -> list:
@@ -152,6 +158,7 @@ def _find_problems(df: pd.DataFrame) -> list:
         if not Path(p).exists(): report.add(p, 'missing file')
     return [o for o in checked.attrs.get('problems', []) if id(o) not in known] + report.items
 
+# %% ../nbs/18_train.ipynb #a551d9c4
 def _empty_classes(df: pd.DataFrame) -> list:
     "Notes for each class of the label set with no sample in a split that has samples."
     if 'label' not in df.columns or df.attrs.get('label_set') is None: return []
@@ -164,6 +171,7 @@ def _empty_classes(df: pd.DataFrame) -> list:
                                    action=f'{split} has {len(ls.names) - len(absent)} of {len(ls.names)} classes', severity='note'))
     return out
 
+# %% ../nbs/18_train.ipynb #d44d1c31
 def check_table_files(df: pd.DataFrame, on_bad_file: str = 'raise', strict: bool = False, cache: bool = True, out=print) -> pd.DataFrame:
     "Open every file of `df` once before training (cached per fingerprint); by `on_bad_file` raise naming every bad file, or 'skip' them. Classes absent from a split are reported (errors if `strict`)."
     if on_bad_file not in ON_BAD_FILE: raise ValueError(f"on_bad_file must be one of {ON_BAD_FILE}, got {on_bad_file!r}")
@@ -205,6 +213,7 @@ def default_variant(method: str, clip=None, **kw) -> str:
     if method in ('kefer', 'classifier') and from_scratch: return 'emonb'
     return 'official'
 
+# %% ../nbs/18_train.ipynb #26881f75
 def _recipe(method, df, epochs, lr, seed, config, kw):
     if config is not None: return config
     over = {k: v for k, v in dict(epochs=epochs, lr=lr, seed=seed, variant=kw.get('variant')).items() if v is not None}
@@ -218,11 +227,13 @@ def _recipe(method, df, epochs, lr, seed, config, kw):
         return dferclip_config(**over)
     return expclip_config(**over)
 
+# %% ../nbs/18_train.ipynb #a876729a
 def _teacher(teacher, device, variant='official') -> Teacher:
     if isinstance(teacher, Teacher): return teacher
     if teacher is None: raise ValueError("method 'expclip' needs a teacher: a Teacher object or the folder of local BLIP-2 (Flan-T5) weights")
     return BLIP2FlanT5Teacher(teacher, device=device, variant=variant)
 
+# %% ../nbs/18_train.ipynb #6eb2b3e2
 @records_outputs('out')
 def train(method: str, df: pd.DataFrame, out, clip: ClipEncoder = None, epochs: int = None, bs: int = None, lr: float = None,
           seed: int = None, config=None, device=None, valid_pct: float = 0.1, overwrite: bool = False, progress: bool = True,
@@ -249,6 +260,7 @@ def train(method: str, df: pd.DataFrame, out, clip: ClipEncoder = None, epochs: 
         result[1]['bundle'] = str(bundle_from_run(out, overwrite=True))
     return result
 
+# %% ../nbs/18_train.ipynb #56485d14
 def _record_run(out, **info):
     "Add `info` (the variant, the CLIP checkpoint) to the `run` of every report the trainer wrote under `out/report`."
     for f in sorted((Path(out)/'report').rglob('metrics.json')):
@@ -259,6 +271,7 @@ def _record_run(out, **info):
             run[k] = v
         atomic_write_json(f, m)
 
+# %% ../nbs/18_train.ipynb #52bb1cd5
 def _train(method, df, out, clip, epochs, bs, lr, seed, config, device, valid_pct, overwrite, progress, teacher, max_steps, **kw) -> tuple:
     if method not in TRAIN_METHODS: raise ValueError(f"unknown method {method!r}: one of {', '.join(TRAIN_METHODS)}")
     for c in ('path', 'label', 'split'):
@@ -314,6 +327,7 @@ def _take_train(df: pd.DataFrame, n_train: int, seed: int = 0) -> pd.DataFrame:
     out = pd.concat([keep, df[df.split != 'train']]).reset_index(drop=True); out.attrs = dict(df.attrs)
     return out
 
+# %% ../nbs/18_train.ipynb #4bd658c8
 @records_outputs('out')
 def train_fer2013(df: pd.DataFrame, out, preset: str = 'cpu', method: str = 'classifier', epochs: int = None, lr: float = None,
                   n_train: int = None, max_steps: int = None, threads: int = None, device=None, text_encoder=None, overwrite: bool = False,

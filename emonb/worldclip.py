@@ -41,6 +41,7 @@ def _random_init_ok():
     try: yield
     finally: root.setLevel(level)
 
+# %% ../nbs/05a_worldclip.ipynb #368b47c0
 def world_clip_config() -> dict:
     "The open_clip config of the world's CLIP, registering emonb's configs first."
     register_model_configs()
@@ -57,13 +58,17 @@ SCENE_EMOTION_PHRASES = ('a {adj} person', 'a person who looks {adj}', 'a person
                          'a moment of {noun}')
 
 def _pick(rng, options): return options[rng.integers(len(options))]
+
+# %% ../nbs/05a_worldclip.ipynb #5c809c34
 def _join(phrases): return phrases[0] if len(phrases) == 1 else ', '.join(phrases[:-1]) + ' and ' + phrases[-1]
 
+# %% ../nbs/05a_worldclip.ipynb #7682ea38
 def emotion_phrase(name: str, rng: np.random.Generator, phrases=FACE_EMOTION_PHRASES) -> str:
     "One of `phrases` filled with the noun `name` or its adjective."
     ls = label_set('basic8')
     return _pick(rng, phrases).format(noun=name, adj=ls.adjectives[ls.index(name)])
 
+# %% ../nbs/05a_worldclip.ipynb #69d6820b
 def face_caption(scene: Scene, rng: np.random.Generator, emotion_rate: float = 0.5) -> str:
     "An alt-text-like caption of the face crop of `scene`: occluder, visible action units in words, sometimes the emotion."
     head = [_pick(rng, FACE_STARTS)]
@@ -76,6 +81,7 @@ def face_caption(scene: Scene, rng: np.random.Generator, emotion_rate: float = 0
         parts = [parts[0], e] if u < 0.25 else ([parts[0], e, face] if u < 0.6 else parts + [e])
     return ', '.join(parts) + '.'
 
+# %% ../nbs/05a_worldclip.ipynb #2e49dcb6
 def scene_caption(scene: Scene, rng: np.random.Generator, emotion_rate: float = 0.3) -> str:
     "A short caption of the whole scene: a random subset of posture, situation and face, sometimes the emotion."
     who = (emotion_phrase(scene.emotion, rng, SCENE_EMOTION_PHRASES) if rng.random() < emotion_rate
@@ -100,6 +106,7 @@ class WorldPairs:
         idx = np.atleast_1d(np.arange(len(self))[idx])
         return WorldPairs(self.images[idx], [self.texts[i] for i in idx], self.kinds[idx], self.labels[idx])
 
+# %% ../nbs/05a_worldclip.ipynb #8d45f445
 def _render_pairs(world: SyntheticWorld, kind: str, split: str, lo: int, hi: int, size: int, rates: tuple):
     "Pairs lo..hi-1 of one kind (a worker's chunk)."
     ims, texts, labels = np.zeros((hi - lo, size, size, 3), np.uint8), [], []
@@ -113,6 +120,7 @@ def _render_pairs(world: SyntheticWorld, kind: str, split: str, lo: int, hi: int
             texts.append(scene_caption(s, rng, rates[1])); labels.append(s.emotion)
     return ims, texts, labels
 
+# %% ../nbs/05a_worldclip.ipynb #7c1a71cc
 def world_pairs(world: SyntheticWorld, n_faces: int, n_scenes: int, split: str = 'train', size: int = 64,
                 face_emotion_rate: float = 0.5, scene_emotion_rate: float = 0.3, workers: int = 1) -> WorldPairs:
     "`n_faces` face crops (scene indices 0..n_faces-1) and `n_scenes` scenes (0..n_scenes-1) of `split`, with captions."
@@ -136,6 +144,7 @@ def images_to_tensor(images: np.ndarray, mean=open_clip.OPENAI_DATASET_MEAN, std
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
+# %% ../nbs/05a_worldclip.ipynb #4464aa1a
 @contextlib.contextmanager
 def torch_threads(n: int | None):
     "Run the block with `n` intra-op threads (None: leave as is), then restore the previous number."
@@ -144,6 +153,7 @@ def torch_threads(n: int | None):
     try: yield
     finally: torch.set_num_threads(old)
 
+# %% ../nbs/05a_worldclip.ipynb #b92ea8ba
 def _param_groups(model, weight_decay):
     "open_clip's split: no weight decay on gains, biases, norms and the logit scale"
     no_wd = lambda n, p: p.ndim < 2 or 'ln' in n or 'bias' in n or 'logit_scale' in n
@@ -151,6 +161,7 @@ def _param_groups(model, weight_decay):
     return [{'params': [p for n, p in named if no_wd(n, p)], 'weight_decay': 0.},
             {'params': [p for n, p in named if not no_wd(n, p)], 'weight_decay': weight_decay}]
 
+# %% ../nbs/05a_worldclip.ipynb #30284b0c
 def train_world_clip(pairs: WorldPairs, model_name: str = WORLD_CLIP, steps: int = 1000, batch_size: int = 256,
                      lr: float = 2e-3, weight_decay: float = 0.1, warmup: int | None = None, seed: int = 0,
                      flip: bool = True, threads: int | None = None, log_every: int = 100, out=print):
@@ -160,6 +171,7 @@ def train_world_clip(pairs: WorldPairs, model_name: str = WORLD_CLIP, steps: int
     with torch_threads(threads):
         return _train(pairs, model_name, steps, batch_size, lr, weight_decay, warmup, seed, flip, log_every, out)
 
+# %% ../nbs/05a_worldclip.ipynb #e5f8ff41
 def _train(pairs, model_name, steps, batch_size, lr, weight_decay, warmup, seed, flip, log_every, out):
     register_model_configs()
     torch.manual_seed(seed)
@@ -196,6 +208,7 @@ def world_clip_path() -> Path:
     "The packaged checkpoint of the world's CLIP (emonb/weights/world_clip.safetensors)."
     return Path(str(importlib.resources.files('emonb') / 'weights' / 'world_clip.safetensors'))
 
+# %% ../nbs/05a_worldclip.ipynb #906fa778
 def save_world_clip(model, path=None, info: dict | None = None, dtype=torch.float16, config: str = WORLD_CLIP) -> Path:
     "Write `model`'s state dict (floats as `dtype`, `config` in the metadata) to `path` (default: the packaged file), `info` as JSON beside it."
     path = world_clip_path() if path is None else Path(path)
@@ -206,12 +219,14 @@ def save_world_clip(model, path=None, info: dict | None = None, dtype=torch.floa
         if f.exists(): f.chmod(0o644)
     return path
 
+# %% ../nbs/05a_worldclip.ipynb #455cdfba
 def world_clip_info(path=None) -> dict:
     "The JSON record next to the checkpoint: config, seed, data sizes, steps, zero-shot accuracy, date."
     p = (world_clip_path() if path is None else Path(path)).with_suffix('.json')
     if not p.exists(): raise FileNotFoundError(f"no record {p} next to the world CLIP checkpoint")
     return json.loads(p.read_text())
 
+# %% ../nbs/05a_worldclip.ipynb #310bf881
 def load_world_clip(device='cpu', path=None) -> tuple:
     "The world's CLIP with its trained weights: (open_clip model in eval mode, preprocess, tokenizer)."
     path = world_clip_path() if path is None else Path(path)
@@ -225,6 +240,7 @@ def load_world_clip(device='cpu', path=None) -> tuple:
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in safetensors.torch.load_file(path).items()})
     return model.to(device).eval(), preprocess, open_clip.get_tokenizer(WORLD_CLIP)
 
+# %% ../nbs/05a_worldclip.ipynb #3b0e96a1
 def world_clip_encoder(device='cpu', path=None) -> ClipEncoder:
     "The world's CLIP as an `emonb.encoders.ClipEncoder`."
     model, preprocess, tokenizer = load_world_clip(device, path)
@@ -244,6 +260,7 @@ def world_eval_set(n: int = 700, seed: int = EVAL_SEED, split: str = 'test', kin
     images = [w.render_face(s) if kind == 'face' else w.render(s) for s in scenes]
     return images, np.array([w.classes.index(s.emotion) for s in scenes]), scenes
 
+# %% ../nbs/05a_worldclip.ipynb #ec0df929
 @torch.no_grad()
 def encode_images(model, preprocess, images, batch_size: int = 256) -> torch.Tensor:
     "L2-normalised embeddings (n, D) of PIL images, through open_clip's `preprocess`."
@@ -251,6 +268,7 @@ def encode_images(model, preprocess, images, batch_size: int = 256) -> torch.Ten
     return torch.cat([model.encode_image(torch.stack([preprocess(im) for im in images[i:i + batch_size]]).to(dev), normalize=True)
                       for i in range(0, len(images), batch_size)]).cpu()
 
+# %% ../nbs/05a_worldclip.ipynb #ba5661da
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts, batch_size: int = 512) -> torch.Tensor:
     "L2-normalised embeddings (n, D) of texts."
@@ -258,6 +276,7 @@ def encode_texts(model, tokenizer, texts, batch_size: int = 512) -> torch.Tensor
     return torch.cat([model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(dev), normalize=True)
                       for i in range(0, len(texts), batch_size)]).cpu()
 
+# %% ../nbs/05a_worldclip.ipynb #b5f8b4f0
 def class_embeddings(model, tokenizer, class_texts) -> torch.Tensor:
     "One normalised embedding per class; an entry that is a tuple of prompts is an ensemble (mean of embeddings, renormalised)."
     out = []
@@ -266,11 +285,13 @@ def class_embeddings(model, tokenizer, class_texts) -> torch.Tensor:
         out.append(e / e.norm())
     return torch.stack(out)
 
+# %% ../nbs/05a_worldclip.ipynb #437e74f6
 def zero_shot_accuracy(model, tokenizer, image_emb: torch.Tensor, labels, class_texts) -> tuple:
     "(accuracy, scores (n, K)) of zero-shot classification of `image_emb` with one prompt (or ensemble) per class."
     scores = (100. * image_emb @ class_embeddings(model, tokenizer, class_texts).T).softmax(-1).numpy()
     return float((scores.argmax(1) == np.asarray(labels)).mean()), scores
 
+# %% ../nbs/05a_worldclip.ipynb #03ce203d
 def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, texts, ks=(1, 5)) -> dict:
     "Image->text recall@k over a gallery of captions; a retrieved caption with the same text as the true one counts as a hit."
     same = torch.tensor(pd.Series(list(texts)).factorize()[0])
@@ -279,6 +300,7 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, texts, ks=
     chance = float(np.mean([(same == same[i]).float().mean() for i in range(len(texts))]))
     return {**{f'R@{k}': float(hit[:, :k].any(1).float().mean()) for k in ks}, 'chance@1': chance}
 
+# %% ../nbs/05a_worldclip.ipynb #60797113
 def face_zero_shot(model, preprocess, tokenizer, n: int = 700, seed: int = EVAL_SEED) -> float:
     "Zero-shot accuracy on `n` test faces of the 7 basic classes with `FACE_PROMPT`."
     ims, y, _ = world_eval_set(n, seed)

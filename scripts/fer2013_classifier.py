@@ -16,10 +16,12 @@ p.add_argument('--preset', default='cpu', choices=sorted(FER2013_PRESETS))
 p.add_argument('--test-split', default='PublicTest')
 p.add_argument('--epochs', type=int); p.add_argument('--n-train', type=int); p.add_argument('--threads', type=int)
 p.add_argument('--method', default='classifier', choices=['classifier', 'kefer'])
+p.add_argument('--tau', type=float, help="KEFER's temperature (default: the paper's, see emonb.kefer.train_kefer)")
 p.add_argument('--overwrite', action='store_true')
 a = p.parse_args()
 df = read_fer2013(a.root, test_split=a.test_split)
 t0 = time.time()
 learn, m = train_fer2013(df, a.out, preset=a.preset, method=a.method, epochs=a.epochs, n_train=a.n_train, threads=a.threads,
-                         overwrite=a.overwrite)
+                         overwrite=a.overwrite,
+                         **({} if a.tau is None else dict(tau=a.tau)))
 print(json.dumps(dict(war=m['war'], uar=m['uar'], seconds=round(time.time() - t0)), indent=1))
