@@ -14,7 +14,8 @@ from .encoders import ClipEncoder, PromptLearner
 from .losses import cosine_logits
 
 # %% auto #0
-__all__ = ['text_prototypes', 'zero_shot_logits', 'linear_probe', 'ClipClassifier', 'clip_classifier_splitter', 'CoOpClassifier']
+__all__ = ['text_prototypes', 'zero_shot_logits', 'linear_probe', 'ClipClassifier', 'build_clip_classifier',
+           'clip_classifier_splitter', 'CoOpClassifier']
 
 # %% ../nbs/15_baselines.ipynb #81c59cf4
 @torch.no_grad()
@@ -61,6 +62,18 @@ class ClipClassifier(nn.Module):
             if init_from.shape != (n_classes, clip.embed_dim): raise ValueError(f"init_from must be ({n_classes}, {clip.embed_dim}), got {tuple(init_from.shape)}")
             with torch.no_grad(): self.head.weight.copy_(scale * F.normalize(init_from, dim=-1)); self.head.bias.zero_()
     def forward(self, x): return self.head(F.normalize(self.visual(x), dim=-1))
+
+# %% ../nbs/15_baselines.ipynb #811313f9
+from .methods import register_method, random_clip
+
+# %% ../nbs/15_baselines.ipynb #75ac491d
+def build_clip_classifier(clip: str, n_classes: int) -> ClipClassifier:
+    "A `ClipClassifier` of a bundle's `arch`: the open_clip config `clip` with random weights."
+    return ClipClassifier(random_clip(clip), n_classes)
+
+# %% ../nbs/15_baselines.ipynb #756fda6a
+_ = register_method('clip_classifier', build_clip_classifier,
+                    doc='emonb.baselines.ClipClassifier: CLIP image tower + linear head on normalised features')
 
 # %% ../nbs/15_baselines.ipynb #4c9cd844
 def clip_classifier_splitter(m: ClipClassifier) -> list:

@@ -376,7 +376,8 @@ def _eval_options(p, zeroshot: bool):
     p.add_argument('--overwrite', action='store_true', help='replace the contents of an existing report folder')
     p.add_argument('--no-progress', action='store_true', help='hide the progress bar')
     def run(a):
-        from emonb.predict import read_dataset, evaluate_dataset
+        from emonb.data import read_dataset
+        from emonb.predict import evaluate_dataset
         from emonb.evaluate import parse_subset_option, synth_nuisance_columns
         method = 'zeroshot' if zeroshot else a.method
         subsets = dict(parse_subset_option(s) for s in a.subset) or None

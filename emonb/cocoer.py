@@ -36,7 +36,8 @@ __all__ = ['LEVEL_NAMES', 'LEVEL_LOSSES', 'COORDINATIONS', 'POSITION_SAMPLING', 
            'code_bilinear', 'GridPositions', 'CrossLevelBlock', 'LevelMapping', 'VocabularyInformed', 'cocoer_options',
            'CocoER', 'random_batch', 'SingleLevelModel', 'CocoerLoss', 'CocoerLogits', 'FlipLevels', 'LevelBoxes',
            'WindowCrop', 'cocoer_dataloaders', 'world_table', 'cocoer_config', 'cocoer_outputs', 'elimination_report',
-           'conflict_breakdown', 'dls_normalization', 'train_cocoer', 'benchmark_cocoer_step']
+           'conflict_breakdown', 'dls_normalization', 'train_cocoer', 'build_cocoer', 'cocoer_from_run',
+           'cocoer_recipe', 'fit_cocoer', 'benchmark_cocoer_step']
 
 # %% ../nbs/14_cocoer.ipynb #87289130
 LEVEL_NAMES = ('head', 'body', 'context')          # the workspace's levels, in this order (index 0, 1, 2)
@@ -785,6 +786,60 @@ def train_cocoer(df: pd.DataFrame, out, clip: ClipEncoder = None, labels=None, m
     if multi_label: metrics = write_multilabel_report(rep, o['targets'], scores, labels, items=list(test.path), run=info)
     else: metrics = write_report(rep, o['targets'], scores, labels, items=list(test.path), run=info)
     return learn, metrics
+
+# %% ../nbs/14_cocoer.ipynb #cc93d2b6
+from .methods import register_method, input_spec, run_clip_source, build_clip, config_overrides
+from .core import LEVELS
+
+# %% ../nbs/14_cocoer.ipynb #58436a4f
+def build_cocoer(clip: dict, labels: str, multi_label: bool = False, **kw) -> CocoER:
+    "A `CocoER` of a bundle's `arch`."
+    return CocoER(build_clip(clip), labels, multi_label, **kw)
+
+# %% ../nbs/14_cocoer.ipynb #a70e6712
+def cocoer_from_run(r: dict, sd: dict, labels, clip=None, clip_in_bundle: bool = True, **overrides) -> tuple:
+    "(arch, input, output) of a `train_cocoer` run record `r`; a single-level ablation has no bundle."
+    kw = {k: v for k, v in (r.get('model') or {}).items() if k != 'backbone_weights'}   # the bundle holds the trained backbones
+    kw.setdefault('variant', 'emonb')        # runs older than the variants were emonb's model
+    arch = dict(clip=run_clip_source(r, clip, clip_in_bundle), labels=labels.name, multi_label=bool(r['multi_label']), **kw)
+    if sd.get('class_weights') is not None: arch['class_weights'] = sd['class_weights'].tolist()
+    sizes = [int(r['size'])] * 3 if np.ndim(r['size']) == 0 else [int(s) for s in r['size']]
+    inp = input_spec(max(sizes), 'RGB', r.get('normalize', 'clip'), 'squash', 'bilinear', crops='boxes', context='whole',
+                     level_sizes=dict(zip(LEVELS, sizes)))
+    return {**arch, **overrides}, inp, 'sigmoid' if r['multi_label'] else 'softmax'
+
+# %% ../nbs/14_cocoer.ipynb #e0bb62a5
+def cocoer_recipe(df, **kw) -> TrainConfig:
+    "CocoER's recipe for the table's layout (EMOTIC when multi-label, else CAER-S) and variant."
+    layout = 'emotic' if df.attrs.get('label_set') == 'emotic' or 'labels' in df.columns else 'caer_s'
+    return cocoer_config(layout, **config_overrides(**kw))
+
+# %% ../nbs/14_cocoer.ipynb #a4125120
+def fit_cocoer(df, out, *, cfg, clip=None, progress: bool = True, device=None, bs: int = None, overwrite: bool = False, **kw) -> tuple:
+    "`train_cocoer` behind `emonb.train.train` (the batch size of the table's layout unless `bs`)."
+    layout = 'emotic' if df.attrs.get('label_set') == 'emotic' else 'caer_s'
+    return train_cocoer(df, out, clip=clip, config=cfg, bs=bs or COCOER_BATCH_SIZE[layout], device=device, overwrite=overwrite,
+                        progress=progress, **kw)
+
+# %% ../nbs/14_cocoer.ipynb #ab307af0
+_ = register_method('cocoer', build_cocoer, lambda m, x: m.predict(x['face'], x['body'], x['context'], x['boxes']), levels=LEVELS,
+                    boxes=True, doc='emonb.cocoer.CocoER: head / body / context backbones, V-I module, workspace, global head',
+                    from_run=cocoer_from_run, fit=fit_cocoer, recipe=cocoer_recipe, data='scenes', needs_clip=True)
+
+# %% ../nbs/14_cocoer.ipynb #b9f14229
+from fastcore.basics import patch
+from .encoders import default_layer, CamLevel
+@patch
+def cam_layer(self: LevelBackbone) -> nn.Module: return list(self.body.children())[-1]
+@patch
+def cam_layer(self: SingleLevelModel) -> nn.Module: return default_layer(self.backbone)
+@patch
+def cam_levels(self: SingleLevelModel, inputs=None) -> dict: return {self.level: CamLevel(self.cam_layer(), LEVEL_NAMES.index(self.level))}
+@patch
+def cam_layer(self: CocoER) -> nn.Module:
+    raise ValueError("CocoER has one backbone per level: use cam_levels(model) or grad_cam(..., levels='head'|'body'|'context')")
+@patch
+def cam_levels(self: CocoER, inputs=None) -> dict: return {l: CamLevel(default_layer(self.backbones[l]), i) for i, l in enumerate(LEVEL_NAMES)}
 
 # %% ../nbs/14_cocoer.ipynb #392a9f75
 def benchmark_cocoer_step(model: CocoER, loss_func, batch: tuple, steps: int = 10, warmup: int = 3, precision: str = 'fp32') -> float:

@@ -20,15 +20,16 @@ from .core import LabelSet, label_set, canonical_name, EMOTIONS, LABEL_SETS, reg
 # %% auto #0
 __all__ = ['SAMPLE_COLUMNS', 'SPLITS', 'POLICIES', 'PROBLEM_COLUMNS', 'FER2013_SPLITS', 'FERPLUS_VOTES', 'FERPLUS_FOLDERS',
            'DFER_CLIP_SPLIT_FILES', 'CLIP_STATS', 'NORMALIZATION_PRESETS', 'AUGMENTATION_PRESETS', 'TSN_SAMPLINGS',
-           'CLIP_BRIGHTNESS', 'CLIP_ROTATION', 'CLIP_AUGMENTATIONS', 'DataError', 'ProblemReport', 'problem_report',
-           'class_counts', 'read_class_folders', 'extract_archive', 'read_fer2013', 'read_fer2013_csv', 'read_caer_s',
-           'read_fedro', 'emotion_folder_labels', 'read_emotion_folders', 'read_rafdb', 'class_balanced_weights',
-           'read_affectnet', 'ferplus_majority', 'read_ferplus', 'read_ckplus', 'read_emotic', 'multi_hot',
-           'read_split_file', 'read_dfer_clip_splits', 'read_dfew', 'read_afew', 'read_mafw', 'read_ferv39k',
-           'check_frames', 'load_image', 'check_images', 'split_validation', 'normalization', 'augmentation',
-           'train_val_rows', 'target_block', 'image_dataloaders', 'split_dataloader', 'parse_box', 'LevelCrop',
-           'multilevel_dataloaders', 'tsn_indices', 'clip_augment_params', 'augment_clip', 'TensorClip', 'LoadClip',
-           'ClipToFloat', 'LoadTrainClip', 'LoadEvalClip', 'clip_dataloaders', 'join_boxes']
+           'CLIP_BRIGHTNESS', 'CLIP_ROTATION', 'CLIP_AUGMENTATIONS', 'DATASET_READERS', 'DataError', 'ProblemReport',
+           'problem_report', 'class_counts', 'read_class_folders', 'extract_archive', 'read_fer2013',
+           'read_fer2013_csv', 'read_caer_s', 'read_fedro', 'emotion_folder_labels', 'read_emotion_folders',
+           'read_rafdb', 'class_balanced_weights', 'read_affectnet', 'ferplus_majority', 'read_ferplus', 'read_ckplus',
+           'read_emotic', 'multi_hot', 'read_split_file', 'read_dfer_clip_splits', 'read_dfew', 'read_afew',
+           'read_mafw', 'read_ferv39k', 'check_frames', 'load_image', 'check_images', 'split_validation',
+           'normalization', 'augmentation', 'train_val_rows', 'target_block', 'image_dataloaders', 'split_dataloader',
+           'parse_box', 'LevelCrop', 'multilevel_dataloaders', 'tsn_indices', 'clip_augment_params', 'augment_clip',
+           'TensorClip', 'LoadClip', 'ClipToFloat', 'LoadTrainClip', 'LoadEvalClip', 'clip_dataloaders', 'join_boxes',
+           'read_dataset']
 
 # %% ../nbs/02_data.ipynb #6afa31db
 SAMPLE_COLUMNS = ('dataset', 'path', 'label', 'label_name', 'split', 'fold', 'subset')
@@ -930,3 +931,16 @@ def join_boxes(df: pd.DataFrame, boxes: pd.DataFrame, on: str = 'path', root=Non
     if missing.any(): raise ValueError(f"{missing.sum()} sample(s) have no boxes, e.g. {out[on][missing].iloc[0]}")
     out.attrs = dict(df.attrs)
     return out
+
+# %% ../nbs/02_data.ipynb #483c1693
+from functools import partial
+DATASET_READERS = {'fer2013': read_fer2013, 'rafdb': read_rafdb, 'caer_s': read_caer_s, 'fedro': read_fedro, 'ferplus': read_ferplus,
+                   'affectnet7': partial(read_affectnet, n_classes=7), 'affectnet8': partial(read_affectnet, n_classes=8),
+                   'folders': read_emotion_folders}
+
+# %% ../nbs/02_data.ipynb #7dc88dd4
+def read_dataset(name: str, root) -> pd.DataFrame:
+    "The sample table of dataset `name` (a key of `DATASET_READERS`) at `root`."
+    if name not in DATASET_READERS:
+        raise ValueError(f"unknown dataset {name!r}: one of {', '.join(DATASET_READERS)} (or read it yourself with emonb.data and pass the table)")
+    return DATASET_READERS[name](root)

@@ -26,7 +26,8 @@ from .evaluate import write_report, evaluate_predictions
 # %% auto #0
 __all__ = ['PROMPT_KINDS', 'DFERCLIP_TEMPORAL', 'DFERCLIP_LRS', 'DFERCLIP_BATCH_SIZE', 'DFERCLIP_SELECTION', 'DFERCLIP_INPUTS',
            'dferclip_texts', 'DFERCLIP', 'dferclip_param_groups', 'dferclip_splitter', 'dferclip_config',
-           'dferclip_augment', 'train_dferclip', 'world_clips', 'encode_frames', 'feature_dataloaders', 'BestInMemory',
+           'dferclip_augment', 'train_dferclip', 'build_dferclip', 'dferclip_after_load', 'dferclip_from_run',
+           'dferclip_recipe', 'fit_dferclip', 'world_clips', 'encode_frames', 'feature_dataloaders', 'BestInMemory',
            'train_on_features']
 
 # %% ../nbs/11_dferclip.ipynb #22e1a8fa
@@ -189,6 +190,63 @@ def train_dferclip(df: pd.DataFrame, clip: ClipEncoder, folder, labels=None, tex
                n_train=int((df.split == 'train').sum()), n_val=int((df.split == 'val').sum()), n_test=len(test))
     metrics = write_report(Path(folder)/'report', targets.numpy(), scores.float().numpy(), labels, items=list(test.path), run=run)
     return learn, metrics
+
+# %% ../nbs/11_dferclip.ipynb #179c3016
+from .methods import register_method, input_spec, run_clip_source, random_clip, build_clip, config_overrides
+
+# %% ../nbs/11_dferclip.ipynb #0a81dbd7
+def build_dferclip(clip: dict, texts: list, n_frames: int = 16, **kw) -> DFERCLIP:
+    "A `DFERCLIP` of a bundle's `arch` (its CLIP's config with random weights, or the pretrained file the bundle names)."
+    return DFERCLIP(build_clip(clip), texts, n_frames=n_frames, **kw)
+
+# %% ../nbs/11_dferclip.ipynb #4a782783
+@torch.no_grad()
+def dferclip_after_load(model: DFERCLIP):
+    "DFER-CLIP's prompt learner keeps the token embeddings of its texts in a non-persistent buffer made from the CLIP it was built with: re-make them from the loaded CLIP."
+    pl = model.prompts
+    pl.token_embeddings = pl.encoder.model.token_embedding(pl.encoder.tokenize(pl.texts)).to(pl.token_embeddings)
+
+# %% ../nbs/11_dferclip.ipynb #888c3e45
+def dferclip_from_run(r: dict, sd: dict, labels, clip=None, clip_in_bundle: bool = True, **overrides) -> tuple:
+    "(arch, input, output) of a `train_dferclip` run record `r`: frames squashed to its size, the CLIP's statistics, TSN sampling padded with the last frame."
+    model_kw = dict(r.get('model') or {})
+    model_kw.setdefault('variant', 'emonb' if 'temporal.norm.weight' in sd else 'official')   # runs older than the variants: emonb's model
+    arch = dict(clip=run_clip_source(r, clip, clip_in_bundle), texts=list(r['texts']), n_frames=int(r['n_frames']), **model_kw)
+    norm = r.get('normalize', 'clip model')
+    stats = random_clip(arch['clip']['name']).image_mean_std if norm == 'clip model' else norm
+    inp = input_spec(int(r['size']), 'RGB', stats, 'squash', 'bilinear', n_frames=int(r['n_frames']), pad='last')
+    return {**arch, **overrides}, inp, 'softmax'
+
+# %% ../nbs/11_dferclip.ipynb #b927fb77
+def dferclip_recipe(df, train_image: bool = True, **kw) -> TrainConfig:
+    "DFER-CLIP's recipe of the variant: three learning rates (image, temporal, context), so one `lr` is refused; without the image group two."
+    over = config_overrides(**kw)
+    if 'lr' in over: raise ValueError("DFER-CLIP trains three modules at three learning rates: pass config=dferclip_config(..., lr=(image, temporal, context))")
+    if train_image is False: over['lr'] = (DFERCLIP_LRS['temporal'], DFERCLIP_LRS['context'])   # no image group
+    return dferclip_config(**over)
+
+# %% ../nbs/11_dferclip.ipynb #e201eb90
+def fit_dferclip(df, out, *, cfg, clip=None, progress: bool = True, device=None, bs: int = None, overwrite: bool = False, **kw) -> tuple:
+    "`train_dferclip` behind `emonb.train.train` (it runs on the CLIP's device)."
+    return train_dferclip(df, clip, out, config=cfg, bs=bs or DFERCLIP_BATCH_SIZE, overwrite=overwrite, quiet=not progress, **kw)
+
+# %% ../nbs/11_dferclip.ipynb #332072f8
+_ = register_method('dferclip', build_dferclip, lambda m, x: m(x), video=True, after_load=dferclip_after_load,
+                    doc='emonb.dferclip.DFERCLIP: per-frame CLIP, temporal Transformer, learnable-context prompts (clips of a face)',
+                    from_run=dferclip_from_run, fit=fit_dferclip, recipe=dferclip_recipe, data='videos', needs_clip=True)
+
+# %% ../nbs/11_dferclip.ipynb #af6c62e2
+from fastcore.basics import patch
+from .encoders import default_layer, CamLevel
+@patch
+def cam_layer(self: DFERCLIP) -> nn.Module: return default_layer(self.clip)
+@patch
+def cam_levels(self: DFERCLIP, inputs=None) -> dict:
+    "One `CamLevel` per frame of the clips `inputs[0]` (B, T, C, H, W)."
+    if inputs is None: raise ValueError("DFER-CLIP's levels are its frames: pass the clips (B, T, C, H, W) as inputs")
+    if inputs[0].ndim != 5: raise ValueError(f"Grad-CAM needs DFER-CLIP's clips (B, T, C, H, W), not frame features of shape {tuple(inputs[0].shape)}")
+    T, layer = inputs[0].shape[1], self.cam_layer()
+    return {f'frame {t}': CamLevel(layer, 0, t, T, t) for t in range(T)}
 
 # %% ../nbs/11_dferclip.ipynb #c3c4ca89
 def world_clips(world: SyntheticWorld, n: int, split: str = 'train', n_frames: int = 8, apex_frames: int = None,

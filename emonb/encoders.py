@@ -19,7 +19,7 @@ __all__ = ['CLIP_ACTIVATIONS', 'ENCODER_HEADS', 'RESNET_STEMS', 'model_config_di
            'config_activation', 'clip_config_name', 'ClipEncoder', 'PromptLearner', 'TemporalBlock',
            'TemporalTransformer', 'TimmImageEncoder', 'minilm_path', 'HFTextEncoder', 'face_embedding_head',
            'resnet_encoder', 'encoder_head', 'weights_fingerprint', 'default_device', 'FeatureCache',
-           'benchmark_image_encoder', 'benchmark_feature_cache']
+           'benchmark_image_encoder', 'benchmark_feature_cache', 'CamLevel', 'default_layer']
 
 # %% ../nbs/05_encoders.ipynb #1f798545
 def model_config_dir() -> Path:
@@ -583,3 +583,44 @@ def benchmark_feature_cache(encode, load, n: int, encoder_id: str, batch_size: i
     t0 = time.perf_counter(); cache.get(range(n), encode, encoder_id, 'bench', load=load, batch_size=batch_size)
     t1 = time.perf_counter(); feats = np.asarray(cache.get(range(n), encode, encoder_id, 'bench', load=load)); t2 = time.perf_counter()
     return dict(n=n, dim=feats.shape[1], compute_items_per_s=round(n / (t1 - t0)), cached_items_per_s=round(n / (t2 - t1)))
+
+# %% ../nbs/05_encoders.ipynb #2b7bac2f
+from dataclasses import dataclass
+@dataclass
+class CamLevel:
+    "One map to compute: the `layer`, the forward `input` whose image it is drawn on (`frame`: its index on axis 1 of a 5-D input), and `index` of `count` rows per sample when the layer runs on several images per sample."
+    layer: nn.Module
+    input: int = 0
+    index: int = None
+    count: int = None
+    frame: int = None
+
+# %% ../nbs/05_encoders.ipynb #b21bf893
+def _vit_layer(m: nn.Module):
+    "The input norm of the last block of an open_clip or timm ViT inside `m`, else None."
+    tr = getattr(m, 'transformer', None)
+    if tr is not None and hasattr(tr, 'resblocks') and hasattr(m, 'conv1'): return tr.resblocks[-1].ln_1
+    if hasattr(m, 'blocks') and hasattr(m, 'cls_token') and hasattr(m, 'patch_embed'): return m.blocks[-1].norm1
+    return None
+
+# %% ../nbs/05_encoders.ipynb #b2d1f7e4
+def default_layer(model: nn.Module) -> nn.Module:
+    "The Grad-CAM layer of a model or encoder: its own `cam_layer()` when it has one (emonb's networks), else the last conv stage of a CNN, the input of the last block of a ViT."
+    m = getattr(model, 'model', model) if isinstance(model, ClipEncoder) else model
+    if hasattr(m, 'cam_layer'): return m.cam_layer()                             # an emonb network names its own layer
+    if isinstance(m, TimmImageEncoder): return default_layer(m.backbone)
+    if hasattr(m, 'visual') and hasattr(m, 'encode_image'): m = m.visual          # an open_clip CLIP
+    v = _vit_layer(m)
+    if v is not None: return v
+    if hasattr(m, 'attnpool') and hasattr(m, 'layer4'): return m.layer4         # open_clip's ModifiedResNet
+    fi = getattr(m, 'feature_info', None)
+    if fi is not None:                                                           # timm
+        if type(m).__name__.startswith('Feature'): return list(m.children())[-1]  # features_only nets
+        if isinstance(fi, list) and fi and 'module' in fi[-1]:
+            try: return m.get_submodule(fi[-1]['module'])
+            except AttributeError: pass
+    if isinstance(getattr(m, 'layer4', None), nn.Module): return m.layer4        # torchvision ResNets
+    if isinstance(getattr(m, 'features', None), nn.Sequential): return m.features[-1]   # torchvision VGG, DenseNet, EfficientNet, MobileNet
+    convs = [n for n, c in m.named_modules() if isinstance(c, nn.Conv2d)]
+    raise ValueError(f"no default Grad-CAM layer for {type(m).__name__}: pass layer= (a module of the model or its name"
+                     + (f", e.g. {convs[-1]!r}, its last Conv2d)" if convs else ")"))

@@ -27,7 +27,8 @@ __all__ = ['EXPCLIP_OPTIONS', 'EXPCLIP_RECIPE', 'PROMPT_KINDS', 'expclip_options
            'clip_image_features', 'world_image_features', 'expclip_config', 'expclip_scale', 'projection_dataloaders',
            'train_projection', 'epoch_losses', 'retrieval_accuracy', 'class_text_features', 'zero_shot_logits',
            'ExpCLIP', 'zero_shot_table', 'expclip_text_features', 'world_experiment', 'accuracy_difference',
-           'save_projection', 'load_projection', 'clip_video_features', 'fit_expclip', 'evaluate_expclip']
+           'save_projection', 'load_projection', 'clip_video_features', 'fit_expclip', 'evaluate_expclip', 'as_teacher',
+           'fit_expclip_table']
 
 # %% ../nbs/12_expclip.ipynb #df96582a
 EXPCLIP_OPTIONS = {   # what each variant picks (the table above); explicit keyword arguments override
@@ -679,3 +680,33 @@ def evaluate_expclip(clip: ClipEncoder, projection: ExpCLIPProjection, df: pd.Da
                              run=dict(method=name, prompts=k, **run))
         atomic_write_bytes(out/'summary.csv', table.to_csv().encode())
     return table
+
+# %% ../nbs/12_expclip.ipynb #bf9d5357
+from .methods import register_method, config_overrides
+
+# %% ../nbs/12_expclip.ipynb #6cff1428
+def as_teacher(teacher, device, variant: str = 'official') -> Teacher:
+    "A `Teacher` as given, or the BLIP-2 (Flan-T5) teacher of a local weights folder."
+    if isinstance(teacher, Teacher): return teacher
+    if teacher is None: raise ValueError("method 'expclip' needs a teacher: a Teacher object or the folder of local BLIP-2 (Flan-T5) weights")
+    return BLIP2FlanT5Teacher(teacher, device=device, variant=variant)
+
+# %% ../nbs/12_expclip.ipynb #48bb1bd9
+def fit_expclip_table(df, out, *, cfg, clip=None, progress: bool = True, device=None, bs: int = None, overwrite: bool = False,
+                      teacher=None, **kw) -> tuple:
+    "Exp-CLIP behind `emonb.train.train`: learn the projection on the table's training images (no labels), score its test images zero-shot; writes `out/projection` and `out/report`. Returns (fit info, test metrics)."
+    dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    out = prepare_output_dir(out, overwrite=overwrite)
+    info = fit_expclip(clip, as_teacher(teacher, dev, kw.get('variant', 'official')), df[df.split == 'train'].path, out/'projection',
+                       config=cfg, bs=bs or 512, **kw)
+    projection, _ = load_projection(out/'projection'/'projection.safetensors', device=clip.device, clip_dim=clip.embed_dim)
+    labels = label_set(df.attrs.get('label_set') or df.dataset.iloc[0])
+    table = evaluate_expclip(clip, projection, df[df.split == 'test'], labels, out=out/'report',
+                             **{k: kw[k] for k in ('variant', 'inputs', 'scale') if k in kw})
+    metrics = dict(war=float(table.loc['photo', 'Exp-CLIP WAR']), uar=float(table.loc['photo', 'Exp-CLIP UAR']),
+                   n=int((df.split == 'test').sum()), prompts='photo', table=table, run=info)
+    return info, metrics
+
+# %% ../nbs/12_expclip.ipynb #f7dcbe68
+_ = register_method('expclip', fit=fit_expclip_table, recipe=lambda df, **kw: expclip_config(**config_overrides(**kw)), data='faces',
+                    needs_clip=True, validation=False, doc='emonb.expclip: a linear projection on a frozen CLIP, learned from an LLM teacher without labels')

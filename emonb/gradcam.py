@@ -16,16 +16,12 @@ from matplotlib.figure import Figure
 from fastai.callback.hook import Hooks, hook_outputs
 from .core import LEVELS, atomic_write_bytes, prepare_output_dir, records_outputs
 from .data import NORMALIZATION_PRESETS
-from .encoders import ClipEncoder, TimmImageEncoder
-from .kefer import KeferModel, ClipImageTower
-from .dferclip import DFERCLIP
-from .mlper import MLPER
-from .cocoer import CocoER, SingleLevelModel, LevelBackbone, LEVEL_NAMES
+from .encoders import ClipEncoder, CamLevel, default_layer
 
 # %% auto #0
 __all__ = ['CAM_METHODS', 'gradcam_map', 'upsample_maps', 'normalize_maps', 'grid_shape', 'tokens_to_grid', 'token_batch_first',
-           'default_layer', 'CamLevel', 'cam_levels', 'class_logits', 'model_classes', 'GradCAM', 'grad_cam',
-           'plot_gradcam', 'save_figure', 'write_gradcam_figures']
+           'cam_levels', 'class_logits', 'model_classes', 'GradCAM', 'grad_cam', 'plot_gradcam', 'save_figure',
+           'write_gradcam_figures']
 
 # %% ../nbs/17_gradcam.ipynb #73701ebf
 CAM_METHODS = ('gradcam', 'hirescam')
@@ -96,66 +92,10 @@ def token_batch_first(model: nn.Module, layer: nn.Module):
         if isinstance(getattr(m, 'batch_first', None), bool): return m.batch_first
     return None
 
-# %% ../nbs/17_gradcam.ipynb #b21bf893
-def _vit_layer(m: nn.Module):
-    "The input norm of the last block of an open_clip or timm ViT inside `m`, else None."
-    tr = getattr(m, 'transformer', None)
-    if tr is not None and hasattr(tr, 'resblocks') and hasattr(m, 'conv1'): return tr.resblocks[-1].ln_1
-    if hasattr(m, 'blocks') and hasattr(m, 'cls_token') and hasattr(m, 'patch_embed'): return m.blocks[-1].norm1
-    return None
-
-# %% ../nbs/17_gradcam.ipynb #b2d1f7e4
-def default_layer(model: nn.Module) -> nn.Module:
-    "The Grad-CAM layer of a model or encoder: the last conv stage of a CNN, the input of the last block of a ViT."
-    m = getattr(model, 'model', model) if isinstance(model, ClipEncoder) else model
-    if isinstance(m, (MLPER, DFERCLIP)): return default_layer(m.clip)
-    if isinstance(m, KeferModel): return default_layer(m.visual)
-    if isinstance(m, ClipImageTower): return default_layer(m.clip)
-    if isinstance(m, TimmImageEncoder): return default_layer(m.backbone)
-    if isinstance(m, LevelBackbone): return list(m.body.children())[-1]
-    if isinstance(m, SingleLevelModel): return default_layer(m.backbone)
-    if isinstance(m, CocoER): raise ValueError("CocoER has one backbone per level: use cam_levels(model) or grad_cam(..., levels='head'|'body'|'context')")
-    if hasattr(m, 'visual') and hasattr(m, 'encode_image'): m = m.visual          # an open_clip CLIP
-    v = _vit_layer(m)
-    if v is not None: return v
-    if hasattr(m, 'attnpool') and hasattr(m, 'layer4'): return m.layer4         # open_clip's ModifiedResNet
-    fi = getattr(m, 'feature_info', None)
-    if fi is not None:                                                           # timm
-        if type(m).__name__.startswith('Feature'): return list(m.children())[-1]  # features_only nets
-        if isinstance(fi, list) and fi and 'module' in fi[-1]:
-            try: return m.get_submodule(fi[-1]['module'])
-            except AttributeError: pass
-    if isinstance(getattr(m, 'layer4', None), nn.Module): return m.layer4        # torchvision ResNets
-    if isinstance(getattr(m, 'features', None), nn.Sequential): return m.features[-1]   # torchvision VGG, DenseNet, EfficientNet, MobileNet
-    convs = [n for n, c in m.named_modules() if isinstance(c, nn.Conv2d)]
-    raise ValueError(f"no default Grad-CAM layer for {type(m).__name__}: pass layer= (a module of the model or its name"
-                     + (f", e.g. {convs[-1]!r}, its last Conv2d)" if convs else ")"))
-
-# %% ../nbs/17_gradcam.ipynb #2b7bac2f
-@dataclass
-class CamLevel:
-    "One map to compute: the `layer`, the forward `input` whose image it is drawn on (`frame`: its index on axis 1 of a 5-D input), and `index` of `count` rows per sample when the layer runs on several images per sample."
-    layer: nn.Module
-    input: int = 0
-    index: int = None
-    count: int = None
-    frame: int = None
-
 # %% ../nbs/17_gradcam.ipynb #eaf562a3
 def cam_levels(model: nn.Module, inputs=None) -> dict:
-    "The levels of `model` (name -> CamLevel): face/body/context of MLPER, head/body/context of CocoER, one per frame of DFER-CLIP, else 'image'. `inputs`: the forward inputs (for their form and number of frames)."
-    if isinstance(model, MLPER):
-        L, stacked = len(model.levels), inputs is not None and len(inputs) == 1
-        if stacked and inputs[0].ndim == 4: raise ValueError("Grad-CAM needs MLPER's crops, not cached tokens (B, 3, 1+N, D)")
-        layer = default_layer(model)
-        return {l: CamLevel(layer, 0 if stacked else LEVELS.index(l), j, L, LEVELS.index(l) if stacked else None) for j, l in enumerate(model.levels)}
-    if isinstance(model, CocoER): return {l: CamLevel(default_layer(model.backbones[l]), i) for i, l in enumerate(LEVEL_NAMES)}
-    if isinstance(model, SingleLevelModel): return {model.level: CamLevel(default_layer(model.backbone), LEVEL_NAMES.index(model.level))}
-    if isinstance(model, DFERCLIP):
-        if inputs is None: raise ValueError("DFER-CLIP's levels are its frames: pass the clips (B, T, C, H, W) as inputs")
-        if inputs[0].ndim != 5: raise ValueError(f"Grad-CAM needs DFER-CLIP's clips (B, T, C, H, W), not frame features of shape {tuple(inputs[0].shape)}")
-        T, layer = inputs[0].shape[1], default_layer(model)
-        return {f'frame {t}': CamLevel(layer, 0, t, T, t) for t in range(T)}
+    "The levels of `model` (name -> `CamLevel`): its own `cam_levels(inputs)` (MLPER's face/body/context, CocoER's head/body/context, DFER-CLIP's frames), else one, 'image', at `default_layer(model)`. `inputs`: the forward inputs (for their form and number of frames)."
+    if hasattr(model, 'cam_levels'): return model.cam_levels(inputs)
     return {'image': CamLevel(default_layer(model), 0)}
 
 # %% ../nbs/17_gradcam.ipynb #26017608

@@ -35,7 +35,8 @@ __all__ = ['KEFER_OFFICIAL_TEMPLATE', 'KEFER_OFFICIAL_AUGMENT', 'KEFER_VARIANTS'
            'kefer_variant', 'kefer_texts', 'clip_temperature', 'text_prototypes', 'ClipImageTower', 'KeferModel',
            'KeferLogits', 'Float32Loss', 'kefer_config', 'kefer_official_lr', 'EpochwiseLR', 'lr_step_callbacks',
            'PadRandomCrop', 'TorchFlip', 'erasing_box', 'ZeroErasing', 'kefer_official_transforms', 'kefer_dataloaders',
-           'predict_scores', 'train_kefer', 'train_classifier', 'fer2013_subset']
+           'predict_scores', 'train_kefer', 'train_classifier', 'build_kefer', 'kefer_from_run', 'fit_face_method',
+           'kefer_recipe', 'fer2013_subset']
 
 # %% ../nbs/10_kefer.ipynb #a286072b
 KEFER_OFFICIAL_TEMPLATE = 'a photo of a person making a [CLS] facial expression.'   # models/backbone_raf.py ('an' before a vowel)
@@ -405,6 +406,52 @@ def train_classifier(df: pd.DataFrame, out, labels=None, visual_encoder: nn.Modu
     return _fit_and_report(df, out, model, CrossEntropyLossFlat(label_smoothing=label_smoothing), 'classifier', labels, size, bs,
                            config, augment, normalize, select, hflip_tta, num_workers, progress, info, dls=dls, cbs=lr_cbs,
                            keep_epochs=keep_epochs, device=device)
+
+# %% ../nbs/10_kefer.ipynb #7ed22dfa
+from .methods import register_method, input_spec, run_visual, random_clip, config_overrides, build_visual, face_run_input
+
+# %% ../nbs/10_kefer.ipynb #0dc65a73
+def build_kefer(visual: dict, n_classes: int, dim: int, neutral_index=None, hidden: int = 128, tau: float = 0.01,
+                variant: str = 'official') -> KeferModel:
+    "A `KeferModel` of a bundle's `arch` with random weights and zero prototypes (the bundle's tensors replace them)."
+    return KeferModel(build_visual(visual), torch.zeros(n_classes, dim), neutral_index, hidden=hidden, tau=tau, variant=variant)
+
+# %% ../nbs/10_kefer.ipynb #4abfed77
+def kefer_from_run(r: dict, sd: dict, labels, clip=None, clip_in_bundle: bool = True, visual: dict = None, **overrides) -> tuple:
+    "(arch, input, output) of a `train_kefer` run record `r` with checkpoint `sd`; `visual` replaces the recorded encoder."
+    visual, dim = visual or run_visual(r), int(sd['prototypes'].shape[1])
+    arch = dict(visual={**visual, 'embed_dim': dim} if visual['kind'] == 'timm' else visual, n_classes=len(labels), dim=dim,
+                neutral_index=labels.index('neutral') if 'neutral' in labels.names else None, hidden=r.get('hidden', 128),
+                tau=r.get('tau', 0.01), variant=r.get('variant') or 'emonb')     # runs older than the variants behaved as emonb's
+    return {**arch, **overrides}, face_run_input(r), 'softmax'
+
+# %% ../nbs/10_kefer.ipynb #f69c5483
+def fit_face_method(df, out, *, cfg, clip=None, progress: bool = True, device=None, bs: int = None, overwrite: bool = False,
+                    classifier: bool = False, **kw) -> tuple:
+    "`train_kefer` (or `train_classifier`) behind `emonb.train.train`: a `clip` becomes the visual encoder (its image tower, CLIP statistics) unless `visual_encoder` is given; `text_encoder='clip'` uses its text tower."
+    if not classifier and kw.get('text_encoder') == 'clip':
+        if clip is None: raise ValueError("text_encoder='clip' needs clip=")
+        kw['text_encoder'] = clip
+    if clip is not None and 'visual_encoder' not in kw: kw.update(visual_encoder=ClipImageTower(clip), normalize='clip')
+    fn = train_classifier if classifier else train_kefer
+    return fn(df, out, config=cfg, bs=bs or KEFER_BATCH_SIZE, device=device, overwrite=overwrite, progress=progress, **kw)
+
+# %% ../nbs/10_kefer.ipynb #ca9d0c3c
+def kefer_recipe(df, **kw) -> TrainConfig:
+    "KEFER's (and the classifier's) recipe of the variant, with the user's overrides."
+    return kefer_config(**config_overrides(**kw))
+
+# %% ../nbs/10_kefer.ipynb #1784a989
+_ = register_method('kefer', build_kefer, doc='emonb.kefer.KeferModel: cosine logits with frozen text prototypes', from_run=kefer_from_run,
+                fit=fit_face_method, recipe=kefer_recipe, data='faces')
+
+# %% ../nbs/10_kefer.ipynb #e2e04a45
+from fastcore.basics import patch
+from .encoders import default_layer
+@patch
+def cam_layer(self: KeferModel) -> nn.Module: return default_layer(self.visual)
+@patch
+def cam_layer(self: ClipImageTower) -> nn.Module: return default_layer(self.clip)
 
 # %% ../nbs/10_kefer.ipynb #a595c9f3
 def fer2013_subset(fer: pd.DataFrame, per_class: int = 300, n_val: int = 500, n_test: int = 1000, seed: int = 0) -> pd.DataFrame:

@@ -28,7 +28,7 @@ __all__ = ['TOO_LONG', 'LAMBDA_MODES', 'NEGATIVES', 'MLPER_LR', 'MLPER_BATCH_SIZ
            'RESIZE_METHODS', 'class_sentence', 'mlper_texts', 'too_long_texts', 'prompt_tokens', 'ModalCrossAttention',
            'LevelWeights', 'MLPER', 'MLPERLoss', 'MLPERLogits', 'mlper_param_groups', 'mlper_splitter', 'mlper_config',
            'caer_s_with_boxes', 'mlper_dataloaders', 'encode_levels', 'predict_scores', 'train_on_tokens',
-           'evaluate_mlper', 'train_mlper']
+           'evaluate_mlper', 'train_mlper', 'build_mlper', 'mlper_from_run', 'fit_mlper']
 
 # %% ../nbs/13_mlper.ipynb #9d863cda
 def _levels(levels, name: str = 'levels', allow_empty: bool = False) -> tuple:
@@ -455,3 +455,50 @@ def train_mlper(df: pd.DataFrame, clip: ClipEncoder, out, labels=None, prompts: 
                 n_test=int((df.split == 'test').sum()), torch=torch.__version__, python=platform.python_version(), **(run or {}))
     learn.mlper_run = info
     return learn, evaluate_mlper(learn, df, 'test', Path(out)/'report', run=info)
+
+# %% ../nbs/13_mlper.ipynb #14540c73
+from .methods import register_method, input_spec, run_clip_source, build_clip, config_overrides
+
+# %% ../nbs/13_mlper.ipynb #1f57ec1e
+def build_mlper(clip: dict, texts: dict, **kw) -> MLPER:
+    "An `MLPER` of a bundle's `arch`."
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # MLPER warns about prompts longer than the CLIP's context (the trainer warned already)
+        return MLPER(build_clip(clip), texts, **kw)
+
+# %% ../nbs/13_mlper.ipynb #b00b4272
+def mlper_from_run(r: dict, sd: dict, labels, clip=None, clip_in_bundle: bool = True, texts: dict = None, **overrides) -> tuple:
+    "(arch, input, output) of a `train_mlper` run record `r`: the texts re-made from its `prompt_levels` (and checked against its `class_texts`) unless `texts` is given."
+    texts = texts or mlper_texts(labels, r['prompt_levels'])
+    if list(texts['classes']) != list(r['class_texts']):
+        raise ValueError("the class sentences re-made from the run's prompt_levels differ from the run's class_texts (a custom prompt set?): "
+                         "pass texts=mlper_texts(labels, prompt_levels, prompts=<the run's PromptSet>)")
+    arch = dict(clip=run_clip_source(r, clip, clip_in_bundle), texts={k: list(v) for k, v in texts.items()}, levels=list(r['levels']),
+                align_levels=list(r['align_levels']), lambda_mode=r['lambda_mode'], negatives=r['negatives'], tau=r['tau'], train_image=r['train_image'])
+    resize = {'squish': 'squash', 'crop': 'crop'}.get(r.get('resize', 'squish'))
+    if resize is None: raise ValueError(f"resize={r['resize']!r} of the MLPER run has no predict equivalent (use 'squish' or 'crop')")
+    return {**arch, **overrides}, input_spec(int(r['size']), 'RGB', 'clip', resize, 'bilinear', crops='boxes', context=r.get('context', 'whole')), 'softmax'
+
+# %% ../nbs/13_mlper.ipynb #ff158173
+def fit_mlper(df, out, *, cfg, clip=None, progress: bool = True, device=None, bs: int = None, overwrite: bool = False, **kw) -> tuple:
+    "`train_mlper` behind `emonb.train.train` (it runs on the CLIP's device)."
+    return train_mlper(df, clip, out, config=cfg, bs=bs or MLPER_BATCH_SIZE, overwrite=overwrite, quiet=not progress, **kw)
+
+# %% ../nbs/13_mlper.ipynb #d5105ced
+_ = register_method('mlper', build_mlper, lambda m, x: m.predict(x['face'], x['body'], x['context']), levels=LEVELS,
+                    doc='emonb.mlper.MLPER: face, body and context through one CLIP, class-sentence prototypes', from_run=mlper_from_run,
+                    fit=fit_mlper, recipe=lambda df, **kw: mlper_config(**config_overrides(**{**kw, 'variant': None})), data='scenes',
+                    needs_clip=True, variants=('paper',))   # no official code: the paper, with emonb's documented choices where it is silent
+
+# %% ../nbs/13_mlper.ipynb #422a8584
+from fastcore.basics import patch
+from .encoders import default_layer, CamLevel
+@patch
+def cam_layer(self: MLPER) -> nn.Module: return default_layer(self.clip)
+@patch
+def cam_levels(self: MLPER, inputs=None) -> dict:
+    "One `CamLevel` per level: the crops as separate inputs (face, body, context) or stacked in one (B, L, C, H, W)."
+    L, stacked = len(self.levels), inputs is not None and len(inputs) == 1
+    if stacked and inputs[0].ndim == 4: raise ValueError("Grad-CAM needs MLPER's crops, not cached tokens (B, 3, 1+N, D)")
+    layer = self.cam_layer()
+    return {l: CamLevel(layer, 0 if stacked else LEVELS.index(l), j, L, LEVELS.index(l) if stacked else None) for j, l in enumerate(self.levels)}

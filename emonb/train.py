@@ -15,22 +15,25 @@ from .data import IMAGE_EXTS, DataError, ProblemReport, check_images, check_fram
 from .encoders import ClipEncoder, HFTextEncoder
 from .worldclip import world_clip_encoder
 from .learner import TrainConfig
+from .methods import method_spec, registered_methods
 from .cache import small_image_dataloaders
-from .kefer import train_kefer, train_classifier, kefer_config, KEFER_BATCH_SIZE, ClipImageTower
-from .dferclip import train_dferclip, dferclip_config, DFERCLIP_BATCH_SIZE, DFERCLIP_LRS
-from .expclip import fit_expclip, evaluate_expclip, load_projection, BLIP2FlanT5Teacher, Teacher, expclip_config
-from .mlper import train_mlper, mlper_config, MLPER_BATCH_SIZE
-from .cocoer import train_cocoer, cocoer_config, world_table, COCOER_BATCH_SIZE
-from .predict import DATASET_READERS, VIDEO_EXTS, bundle_from_run, video_frames_readable
+from .kefer import train_classifier, train_kefer
+from .cocoer import world_table
+from .data import DATASET_READERS
+from .sources import VIDEO_EXTS, video_frames_readable
+from .runs import bundle_from_run
 
 # %% auto #0
-__all__ = ['TRAIN_METHODS', 'TRAIN_READERS', 'ON_BAD_FILE', 'STRICT_PROBLEMS', 'VARIANT_METHODS', 'FER2013_PRESETS',
-           'FER2013_NORMALIZE', 'read_table', 'read_training_table', 'load_clip', 'cpu_threads', 'check_table_files',
-           'default_variant', 'train', 'train_fer2013']
+__all__ = ['TRAIN_READERS', 'ON_BAD_FILE', 'STRICT_PROBLEMS', 'FER2013_PRESETS', 'FER2013_NORMALIZE', 'train_methods',
+           'read_table', 'read_training_table', 'load_clip', 'cpu_threads', 'check_table_files', 'default_variant',
+           'train', 'train_fer2013']
+
+# %% ../nbs/18_train.ipynb #3e1b1e42
+def train_methods() -> dict:
+    "The methods `train` can train (registered with a `fit`), name -> what their tables hold ('faces', 'videos', 'scenes')."
+    return {k: s.data for k, s in registered_methods(trains=True).items()}
 
 # %% ../nbs/18_train.ipynb #47000d61
-TRAIN_METHODS = {'classifier': 'faces', 'kefer': 'faces', 'expclip': 'faces', 'dferclip': 'videos', 'mlper': 'scenes', 'cocoer': 'scenes'}
-
 def _bad_rows(csv, mask, what: str) -> ValueError:
     "An error naming the CSV lines (header = line 1) where `mask` is true."
     lines = (np.flatnonzero(np.asarray(mask)) + 2).tolist()
@@ -201,37 +204,20 @@ def check_table_files(df: pd.DataFrame, on_bad_file: str = 'raise', strict: bool
     return res
 
 # %% ../nbs/18_train.ipynb #e9207e46
-VARIANT_METHODS = {'classifier': VARIANTS, 'kefer': VARIANTS, 'expclip': VARIANTS, 'dferclip': VARIANTS, 'cocoer': VARIANTS,
-                   'mlper': ('paper',)}   # MLPER has no official code: the paper, with emonb's documented choices where it is silent
-
 def default_variant(method: str, clip=None, **kw) -> str:
-    "The variant `train` runs when none is given: 'official', but 'emonb' for a KEFER or classifier network trained from scratch, and 'paper' for MLPER."
-    if method == 'mlper': return 'paper'
+    "The variant `train` runs when none is given: the method's first ('official' where it has official code, 'paper' for MLPER), but 'emonb' for a KEFER or classifier network trained from scratch."
     from_scratch = kw.get('visual_encoder') is None and (clip is None or 'visual_encoder' in kw)
     # measured (10_kefer): from scratch the official face-embedding head keeps KEFER at chance in the world (13.4% vs emonb's
     # 34.3% WAR) and on FER2013 on a CPU budget it reaches 29.1% vs 36.1%: the official code starts from a pretrained encoder
     if method in ('kefer', 'classifier') and from_scratch: return 'emonb'
-    return 'official'
+    return method_spec(method).variants[0]
 
-# %% ../nbs/18_train.ipynb #26881f75
-def _recipe(method, df, epochs, lr, seed, config, kw):
-    if config is not None: return config
-    over = {k: v for k, v in dict(epochs=epochs, lr=lr, seed=seed, variant=kw.get('variant')).items() if v is not None}
-    if method in ('classifier', 'kefer'): return kefer_config(**over)
-    if method == 'mlper': return mlper_config(**over)
-    if method == 'cocoer':
-        return cocoer_config('emotic' if df.attrs.get('label_set') == 'emotic' or 'labels' in df.columns else 'caer_s', **over)
-    if method == 'dferclip':
-        if 'lr' in over: raise ValueError("DFER-CLIP trains three modules at three learning rates: pass config=dferclip_config(..., lr=(image, temporal, context))")
-        if kw.get('train_image') is False: over['lr'] = (DFERCLIP_LRS['temporal'], DFERCLIP_LRS['context'])   # no image group
-        return dferclip_config(**over)
-    return expclip_config(**over)
-
-# %% ../nbs/18_train.ipynb #a876729a
-def _teacher(teacher, device, variant='official') -> Teacher:
-    if isinstance(teacher, Teacher): return teacher
-    if teacher is None: raise ValueError("method 'expclip' needs a teacher: a Teacher object or the folder of local BLIP-2 (Flan-T5) weights")
-    return BLIP2FlanT5Teacher(teacher, device=device, variant=variant)
+# %% ../nbs/18_train.ipynb #b54782fb
+def _trainable(method: str):
+    "The `MethodSpec` of a method `train` can train; the error lists them."
+    spec = method_spec(method) if isinstance(method, str) and method not in ('zeroshot', 'bundle', 'default') else None
+    if spec is None or not spec.trains: raise ValueError(f"unknown method {method!r}: one of {', '.join(train_methods())}")
+    return spec
 
 # %% ../nbs/18_train.ipynb #6eb2b3e2
 @records_outputs('out')
@@ -240,10 +226,10 @@ def train(method: str, df: pd.DataFrame, out, clip: ClipEncoder = None, epochs: 
           teacher=None, bundle: bool = True, variant: str = None, max_steps: int = None, on_bad_file: str = None, strict: bool = False,
           **kw) -> tuple:
     "Train `method` on the sample table `df` with its recipe — the `variant` (default: 'official' where the method has official code, else 'paper') and these overrides; test once; write `out` (and `out/model.safetensors` for `emonb.predict`). `max_steps` ends training after that many optimiser steps, the schedule compressed to them. `on_bad_file` ('raise' or 'skip') first checks every file (`check_table_files`; `strict`: a class missing from a split is an error too). Returns (learner or info, test metrics)."
-    if method in VARIANT_METHODS:
-        variant = check_variant(variant or default_variant(method, clip, **kw), method, VARIANT_METHODS[method])
-        if len(VARIANT_METHODS[method]) > 1: kw['variant'] = variant
-    if clip is None and method in ('dferclip', 'expclip', 'mlper', 'cocoer'):
+    spec = _trainable(method)
+    variant = check_variant(variant or default_variant(method, clip, **kw), method, spec.variants)
+    if len(spec.variants) > 1: kw['variant'] = variant
+    if clip is None and spec.needs_clip:
         clip = world_clip_encoder(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     checked = None
     if on_bad_file is not None or strict:
@@ -256,7 +242,7 @@ def train(method: str, df: pd.DataFrame, out, clip: ClipEncoder = None, epochs: 
     if checked is not None: info['file_check'] = checked
     result[1].setdefault('run', {}).update(info)
     if is_main_process(): _record_run(out, **info)
-    if bundle and method != 'expclip' and is_main_process():   # Exp-CLIP's output is its projection file
+    if bundle and spec.bundles and is_main_process():   # Exp-CLIP's output is its projection file
         result[1]['bundle'] = str(bundle_from_run(out, overwrite=True))
     return result
 
@@ -273,41 +259,17 @@ def _record_run(out, **info):
 
 # %% ../nbs/18_train.ipynb #52bb1cd5
 def _train(method, df, out, clip, epochs, bs, lr, seed, config, device, valid_pct, overwrite, progress, teacher, max_steps, **kw) -> tuple:
-    if method not in TRAIN_METHODS: raise ValueError(f"unknown method {method!r}: one of {', '.join(TRAIN_METHODS)}")
+    "Check the table, split validation off the training rows when it has none, make the recipe, and call the method's `fit`."
+    spec = _trainable(method)
     for c in ('path', 'label', 'split'):
         if c not in df.columns: raise ValueError(f"the sample table has no {c!r} column (read it with an emonb reader)")
     if not (df.split == 'test').any(): raise ValueError("the sample table has no 'test' rows to evaluate on")
-    if method != 'expclip' and not (df.split == 'val').any():   # select on validation, never on test
+    if spec.validation and not (df.split == 'val').any():   # select on validation, never on test
         attrs = dict(df.attrs); df = split_validation(df, valid_pct, seed or 0); df.attrs.update(attrs)
-    config = _recipe(method, df, epochs, lr, seed, config, kw)
+    config = config if config is not None else spec.recipe(df, epochs=epochs, lr=lr, seed=seed, **kw)
     if max_steps is not None: config = replace(config, max_steps=max_steps)
-    dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if method in ('classifier', 'kefer'):
-        fn = train_kefer if method == 'kefer' else train_classifier
-        if method == 'kefer' and kw.get('text_encoder') == 'clip':
-            if clip is None: raise ValueError("text_encoder='clip' needs clip=")
-            kw['text_encoder'] = clip
-        if clip is not None and 'visual_encoder' not in kw: kw.update(visual_encoder=ClipImageTower(clip), normalize='clip')
-        return fn(df, out, config=config, bs=bs or KEFER_BATCH_SIZE, device=device, overwrite=overwrite, progress=progress, **kw)
-    if method == 'dferclip':
-        return train_dferclip(df, clip, out, config=config, bs=bs or DFERCLIP_BATCH_SIZE, overwrite=overwrite, quiet=not progress, **kw)
-    if method == 'mlper':
-        return train_mlper(df, clip, out, config=config, bs=bs or MLPER_BATCH_SIZE, overwrite=overwrite, quiet=not progress, **kw)
-    if method == 'cocoer':
-        multi = df.attrs.get('label_set') == 'emotic'
-        return train_cocoer(df, out, clip=clip, config=config, bs=bs or COCOER_BATCH_SIZE['emotic' if multi else 'caer_s'],
-                            device=device, overwrite=overwrite, progress=progress, **kw)
-    # expclip: P learns from the training images without their labels; the test images are scored zero-shot
-    out = prepare_output_dir(out, overwrite=overwrite)
-    info = fit_expclip(clip, _teacher(teacher, dev, kw.get('variant', 'official')), df[df.split == 'train'].path, out/'projection',
-                       config=config, bs=bs or 512, **kw)
-    projection, _ = load_projection(out/'projection'/'projection.safetensors', device=clip.device, clip_dim=clip.embed_dim)
-    labels = label_set(df.attrs.get('label_set') or df.dataset.iloc[0])
-    table = evaluate_expclip(clip, projection, df[df.split == 'test'], labels, out=out/'report',
-                             **{k: kw[k] for k in ('variant', 'inputs', 'scale') if k in kw})
-    metrics = dict(war=float(table.loc['photo', 'Exp-CLIP WAR']), uar=float(table.loc['photo', 'Exp-CLIP UAR']),
-                   n=int((df.split == 'test').sum()), prompts='photo', table=table, run=info)
-    return info, metrics
+    if teacher is not None: kw['teacher'] = teacher
+    return spec.fit(df, out, cfg=config, clip=clip, progress=progress, device=device, bs=bs, overwrite=overwrite, **kw)
 
 # %% ../nbs/18_train.ipynb #b42ff32d
 FER2013_PRESETS = {

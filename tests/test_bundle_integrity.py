@@ -6,8 +6,9 @@ from PIL import Image
 
 import emonb.predict as ep
 from emonb.cli import main
-from emonb.predict import (METHODS, BUNDLE_KEY, CHECKSUM_KEY, BundleChecksumWarning, save_bundle, load_bundle, bundle_header,
-                           verify_bundle, add_bundle_checksum, input_spec, predict, default_model_path)
+from emonb.methods import METHODS, input_spec
+from emonb.bundles import BUNDLE_KEY, CHECKSUM_KEY, BundleChecksumWarning, save_bundle, load_bundle, bundle_header, verify_bundle, add_bundle_checksum
+from emonb.predict import predict, default_model_path
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 ARCH = dict(c_in=1, n_out=7, widen=0.5)   # the quickstart classifier: tiny, 48x48 grey

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 import pandas as pd
-from emonb.gradcam import (grad_cam, gradcam_map, tokens_to_grid, grid_shape, default_layer, cam_levels, token_batch_first,
-                           plot_gradcam, save_figure, write_gradcam_figures)
+from emonb.gradcam import grad_cam, gradcam_map, tokens_to_grid, grid_shape, cam_levels, token_batch_first, plot_gradcam, save_figure, write_gradcam_figures
+from emonb.encoders import default_layer
 
 
 class ColourNet(nn.Module):

@@ -123,7 +123,7 @@ def test_16bit_png_is_not_white_in_any_reader(tmp_path):
     "The bug this fixes: a 16-bit PNG read as almost white (mean 254) by every reader."
     from emonb.crops import _decode
     from emonb.expclip import read_rgb
-    from emonb.predict import read_image
+    from emonb.sources import read_image
     arr = np.linspace(0, 65535, 64 * 64).reshape(64, 64)
     p = tmp_path/'x.png'; Image.fromarray(arr.astype(np.uint16)).save(p)
     with Image.open(p) as im: assert np.asarray(im.convert('RGB')).mean() > 250      # what Pillow alone does

@@ -53,7 +53,7 @@ def test_train_with_an_openai_archive_runs_the_official_variant(data, method):
                                           weights_format='torchscript'), run['clip_checkpoint']
     assert 'variant official' in stdout and 'CLIP emonb-tiny-vit-quickgelu (quickgelu)' in stdout, stdout
     # the bundle the run wrote rebuilds the QuickGELU network
-    from emonb.predict import load_bundle
+    from emonb.bundles import load_bundle
     b = load_bundle(out / 'model.safetensors')
     clips = [m for m in b.model.modules() if type(m).__name__ == 'ClipEncoder']
     assert clips and all(c.activation == 'quickgelu' for c in clips)

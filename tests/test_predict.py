@@ -8,9 +8,10 @@ from PIL import Image
 from emonb.core import label_set
 from emonb.crops import BoxDetector, shared_data_dir, DETECTOR_FILES
 from emonb.synth import SyntheticWorld
-from emonb.predict import (METHODS, BASE_COLUMNS, save_bundle, load_bundle, bundle_header, input_spec, image_transform,
-                           resolve_weights, install_weights, make_predictor, predict, register_method, write_video,
-                           plot_predictions, frame_rows, random_clip, Predictor)
+from emonb.methods import METHODS, input_spec, image_transform, register_method, random_clip
+from emonb.predict import BASE_COLUMNS, make_predictor, predict, plot_predictions, frame_rows, Predictor
+from emonb.bundles import save_bundle, load_bundle, bundle_header, resolve_weights, install_weights
+from emonb.sources import write_video
 
 BASIC7 = list(label_set('basic7').names)
 

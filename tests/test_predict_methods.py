@@ -11,8 +11,11 @@ from emonb.data import parse_box, read_dfew, read_rafdb
 from emonb.synth import SyntheticWorld, write_dataset
 from emonb.worldclip import world_clip_encoder
 from emonb.learner import TrainConfig
-from emonb.predict import (METHODS, bundle_from_run, bundle_header, load_bundle, predict, predict_clips, read_image, face_crops,
-                           clip_windows, write_video, run_checkpoint, labels_of_classes)
+from emonb.methods import METHODS
+from emonb.runs import bundle_from_run, run_checkpoint, labels_of_classes
+from emonb.bundles import bundle_header, load_bundle
+from emonb.predict import predict, predict_clips, face_crops, clip_windows
+from emonb.sources import read_image, write_video
 
 
 @pytest.fixture(scope='module')

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from emonb.crops import shared_data_dir, YUNET_FILE
-from emonb.predict import FER2013_MODEL, default_model_path, bundle_header
+from emonb.predict import FER2013_MODEL, default_model_path
+from emonb.bundles import bundle_header
 
 ROOT = Path(__file__).resolve().parents[1]
 from conftest import install_into_bare_folder

@@ -4,7 +4,8 @@ import numpy as np, pandas as pd, pytest
 from pathlib import Path
 from PIL import Image
 from emonb.data import DataError
-from emonb.predict import write_video, predict, video_frames_readable, TruncatedVideoWarning
+from emonb.sources import write_video, video_frames_readable, TruncatedVideoWarning
+from emonb.predict import predict
 from emonb.train import check_table_files
 
 @pytest.fixture(scope='module')
