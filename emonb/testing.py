@@ -5,15 +5,23 @@
 # %% ../nbs/04b_testing.ipynb #11403a08
 from __future__ import annotations
 from collections import OrderedDict
-import copy
+import copy, math
 from pathlib import Path
 import warnings
 import numpy as np
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['TINY_OPENAI_ARCH', 'RefAttention', 'RefBlock', 'RefTransformer', 'RefVisual', 'RefCLIP', 'openai_layout_files']
+__all__ = ['TINY_OPENAI_ARCH', 'QP_KINDS', 'RefAttention', 'RefBlock', 'RefTransformer', 'RefVisual', 'RefCLIP',
+           'openai_layout_files', 'random_simplex_qps', 'slsqp_simplex_qp', 'simplex_qp_scale',
+           'simplex_qp_kkt_violation', 'CocoerCodeMHA', 'CocoerCodeEncoder', 'cocoer_code_encoder',
+           'cocoer_code_position_map', 'cocoer_code_roi_points', 'cocoer_code_bilinear_interpolate',
+           'cocoer_code_box_positions', 'cocoer_code_vi', 'cocoer_code_vi_from', 'cocoer_code_dynamic_loss',
+           'cocoer_code_qp', 'cocoer_code_cal_grad', 'cocoer_code_workspace', 'cocoer_code_heads',
+           'dferclip_literal_loss', 'loss_agreement', 'ColourNet', 'quadrant_image', 'quadrant_mass', 'autograd_cam',
+           'n_hooks']
 
 # %% ../nbs/04b_testing.ipynb #12686698
 class RefAttention(nn.Module):
@@ -123,3 +131,316 @@ def openai_layout_files(folder, seed: int = 0, **arch) -> tuple:
 
 TINY_OPENAI_ARCH = dict(embed=64, size=64, patch=16, v_width=64, v_layers=2, t_width=64, t_layers=2, context=32, v_heads=2, t_heads=2)
 "The architecture of emonb's `emonb-tiny-vit` config in OpenAI's layout: `openai_layout_files(folder, **TINY_OPENAI_ARCH)` makes files that load as `emonb-tiny-vit`."
+
+# %% ../nbs/04b_testing.ipynb #a98a9465
+QP_KINDS = ('gauss', 'correlated', 'scaled')
+
+def random_simplex_qps(B: int, q: int, n: int, kind: str = 'gauss', f_max: float = 3., generator=None) -> tuple:
+    "(Q, f) float64: Q = G Gᵀ from per-level gradients G (B, q, n) (rank ≤ n), losses f ~ U(0, f_max); kind: 'gauss', 'correlated' (similar gradients) or 'scaled' (very different norms)."
+    if kind not in QP_KINDS: raise ValueError(f"kind must be one of {QP_KINDS}, not {kind!r}")
+    G = torch.randn(B, q, n, generator=generator, dtype=torch.float64)
+    if kind == 'correlated': G = G + 3 * torch.randn(B, 1, n, generator=generator, dtype=torch.float64)
+    if kind == 'scaled': G = G * torch.exp(2 * torch.randn(B, q, 1, generator=generator, dtype=torch.float64))
+    f = f_max * torch.rand(B, q, generator=generator, dtype=torch.float64)
+    return G @ G.mT, f
+
+# %% ../nbs/04b_testing.ipynb #7024625f
+def slsqp_simplex_qp(Q, f, mask=None, ftol: float = 1e-16, maxiter: int = 1000) -> torch.Tensor:
+    "min ½λᵀQλ − fᵀλ s.t. λ ≥ 0, Σλ = 1 per problem by SciPy's SLSQP (float64, CPU, (B, q)); Q (B, q, q), f (B, q) tensors or arrays; absent levels (mask False) get 0."
+    from scipy.optimize import minimize
+    as_np = lambda x: (x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+    Q, f = np.asarray(as_np(Q), np.float64), np.asarray(as_np(f), np.float64)
+    if Q.ndim != 3 or f.ndim != 2 or Q.shape != (*f.shape, f.shape[1]): raise ValueError(f"Q must be (B, q, q) and f (B, q); got {Q.shape} and {f.shape}")
+    mask = np.ones(f.shape, bool) if mask is None else np.asarray(as_np(mask), bool)
+    out = np.zeros_like(f)
+    for b in range(len(f)):
+        idx = np.flatnonzero(mask[b]); n = len(idx)
+        if n == 0: raise ValueError(f"problem {b} has no level present")
+        A, c = Q[b][np.ix_(idx, idx)], f[b][idx]
+        A = (A + A.T) / 2
+        r = minimize(lambda x: 0.5 * x @ A @ x - c @ x, np.full(n, 1 / n), jac=lambda x: A @ x - c, method='SLSQP',
+                     bounds=[(0, 1)] * n, constraints=[dict(type='eq', fun=lambda x: x.sum() - 1, jac=lambda x: np.ones(n))],
+                     options=dict(ftol=ftol, maxiter=maxiter))
+        out[b, idx] = r.x
+    return torch.from_numpy(out)
+
+# %% ../nbs/04b_testing.ipynb #e29aaf28
+def simplex_qp_scale(Q, f, mask=None) -> np.ndarray:
+    "The problem's scale (numpy, (B,)): max |Q_ij| and max |f_i − mean f| over the present levels."
+    Q, f = np.asarray(Q, np.float64), np.asarray(f, np.float64)
+    mask = np.ones(f.shape, bool) if mask is None else np.asarray(mask, bool)
+    m2 = mask[:, :, None] & mask[:, None, :]
+    fc = np.where(mask, f - (f * mask).sum(-1, keepdims=True) / mask.sum(-1, keepdims=True), 0)
+    return np.maximum(np.abs(np.where(m2, Q, 0)).max((1, 2)), np.abs(fc).max(-1))
+
+# %% ../nbs/04b_testing.ipynb #aef91f83
+def simplex_qp_kkt_violation(Q, f, lam, mask=None, tol: float = 1e-9) -> np.ndarray:
+    "Max violation of feasibility, stationarity on the support (λ > tol) and dual feasibility, relative to the problem's scale (numpy, (B,))."
+    Q, f, lam = (np.asarray(x, np.float64) for x in (Q, f, lam))
+    mask = np.ones(f.shape, bool) if mask is None else np.asarray(mask, bool)
+    Qm = np.where(mask[:, :, None] & mask[:, None, :], Q, 0)
+    g = np.einsum('bij,bj->bi', (Qm + Qm.transpose(0, 2, 1)) / 2, np.where(mask, lam, 0)) - np.where(mask, f, 0)
+    nu = np.where(mask, g, np.inf).min(-1, keepdims=True)                 # the multiplier of Σλ = 1
+    s = np.maximum(simplex_qp_scale(Q, f, mask), 1e-300)[:, None]
+    support = mask & (lam > tol)
+    v = np.stack([np.abs(lam.sum(-1) - 1),                                  # Σλ = 1
+                  np.maximum(-lam, 0).max(-1),                              # λ ≥ 0
+                  np.abs(np.where(mask, 0, lam)).max(-1),                   # absent levels get 0
+                  np.where(support, np.abs(g - nu) / s, 0).max(-1)], -1)    # g_i = ν on the support, g ≥ ν by definition of ν
+    return v.max(-1)
+
+# %% ../nbs/04b_testing.ipynb #513a097b
+class CocoerCodeMHA(nn.Module):
+    "The code's MultiHeadAttention: four Linears (query, key, value, output), softmax(q kᵀ / √d_k) v per head, dropout on the weights."
+    def __init__(self, h, d_model, dropout=0.1):
+        super().__init__()
+        self.d_k, self.h = d_model // h, h
+        self.linears = nn.ModuleList([nn.Linear(d_model, d_model) for _ in range(4)])   # query, key, value, output
+        self.dropout = nn.Dropout(dropout)
+    def forward(self, query, key, value):
+        n = query.size(0)
+        query, key, value = [l(x).view(n, -1, self.h, self.d_k).transpose(1, 2) for l, x in zip(self.linears, (query, key, value))]
+        p = self.dropout(F.softmax(query @ key.transpose(-2, -1) / math.sqrt(self.d_k), dim=-1))
+        return self.linears[-1]((p @ value).transpose(1, 2).contiguous().view(n, -1, self.h * self.d_k))
+
+# %% ../nbs/04b_testing.ipynb #0114a402
+class CocoerCodeEncoder(nn.Module):
+    "Pre-norm: x + attn(norm1(x) + x_pos, norm3(y) + y_pos, y), then x + w_2(dropout(swish(w_1(norm2(x)))))."
+    def __init__(self, h, d_model, d_ff, dropout=0.1):
+        super().__init__()
+        self.cross_attn = CocoerCodeMHA(h, d_model, dropout)
+        self.w_1, self.w_2, self.ff_dropout = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model), nn.Dropout(dropout)
+        self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+    def forward(self, x, y, x_pos, y_pos):
+        x = x + self.dropout1(self.cross_attn(self.norm1(x) + x_pos, self.norm3(y) + y_pos, y))
+        f = self.w_1(self.norm2(x))
+        return x + self.dropout2(self.w_2(self.ff_dropout(f * torch.sigmoid(f))))
+
+# %% ../nbs/04b_testing.ipynb #58adb675
+def cocoer_code_encoder(blk) -> CocoerCodeEncoder:
+    "The code's block holding the weights of an emonb block (4 heads, d_k = d / 4)."
+    enc = CocoerCodeEncoder(blk.heads, blk.to_q.in_features, blk.ffn[0].out_features, blk.p).to(blk.to_q.weight.dtype)
+    for dst, src in zip(enc.cross_attn.linears, (blk.to_q, blk.to_k, blk.to_v, blk.out)): dst.load_state_dict(src.state_dict())
+    for dst, src in ((enc.norm1, blk.norm_x), (enc.norm3, blk.norm_y), (enc.norm2, blk.norm_ffn), (enc.w_1, blk.ffn[0]), (enc.w_2, blk.ffn[3])):
+        dst.load_state_dict(src.state_dict())
+    return enc
+
+# %% ../nbs/04b_testing.ipynb #339408fc
+def cocoer_code_position_map(col, row, n):
+    "PositionEmbeddingLearned for one image: (H, W, C) with [y, x] = cat(col[x], row[y])."
+    return torch.cat([col.unsqueeze(0).repeat(n, 1, 1), row.unsqueeze(1).repeat(1, n, 1)], dim=-1)
+
+# %% ../nbs/04b_testing.ipynb #34e512fd
+def cocoer_code_roi_points(rois, grid):
+    "rois (B, 4) x1y1x2y2 in pixels -> (B, grid², 2) points in (y, x) order: box centre + (idx + 0.5)/grid · size − size/2."
+    size = rois[:, [3, 2]] - rois[:, [1, 0]]
+    idx = torch.nonzero(size.new_ones((grid, grid)), as_tuple=False)[None].repeat(len(rois), 1, 1).to(size)
+    return (idx + 0.5) / grid * size.unsqueeze(1) - size.unsqueeze(1) / 2 + ((rois[:, [3, 2]] + rois[:, [1, 0]]) / 2).unsqueeze(1)
+
+# %% ../nbs/04b_testing.ipynb #58dc15e3
+def cocoer_code_bilinear_interpolate(im, x, y):
+    "The code's bilinear_interpolate: the (H, W, C) map `im` at points (x, y), corners by floor and clamp."
+    x0, y0 = torch.floor(x).long(), torch.floor(y).long()
+    x1, y1 = x0 + 1, y0 + 1
+    x0, x1 = torch.clamp(x0, 0, im.shape[1] - 1), torch.clamp(x1, 0, im.shape[1] - 1)
+    y0, y1 = torch.clamp(y0, 0, im.shape[0] - 1), torch.clamp(y1, 0, im.shape[0] - 1)
+    Ia, Ib, Ic, Id = im[y0, x0], im[y1, x0], im[y0, x1], im[y1, x1]
+    wa, wb = (x1.type_as(x) - x) * (y1.type_as(y) - y), (x1.type_as(x) - x) * (y - y0.type_as(y))
+    wc, wd = (x - x0.type_as(x)) * (y1.type_as(y) - y), (x - x0.type_as(x)) * (y - y0.type_as(y))
+    return torch.t(torch.t(Ia) * wa) + torch.t(torch.t(Ib) * wb) + torch.t(torch.t(Ic) * wc) + torch.t(torch.t(Id) * wd)
+
+# %% ../nbs/04b_testing.ipynb #d4da9377
+def cocoer_code_box_positions(col, row, rois_px, grid=7):
+    "Positions of the tokens of a box given in pixels of the 224-px context: ROI points / 32, sampled from the position map."
+    pts = cocoer_code_roi_points(rois_px.to(col), grid) / 32
+    return cocoer_code_bilinear_interpolate(cocoer_code_position_map(col, row, grid), pts[..., 1].reshape(-1), pts[..., 0].reshape(-1)).view(len(rois_px), grid * grid, -1)
+
+# %% ../nbs/04b_testing.ipynb #29b1a890
+def cocoer_code_vi(image_features, W, ffn, k):
+    "vocabulary_informed_output: e = normalised image features, W(e) repeated for the k classes and flattened, through VI_ffn: (logits, feature before the last Linear)."
+    e = image_features / image_features.norm(dim=-1, keepdim=True)
+    m = torch.unsqueeze(W(e), 1).expand(-1, k, -1).clone().flatten(start_dim=1)
+    return ffn(m), ffn[:-1](m)
+
+# %% ../nbs/04b_testing.ipynb #e93f94ab
+def cocoer_code_vi_from(vi):
+    "The code's W and VI_ffn holding the weights of an emonb V-I module built with input='repeat', norm=False."
+    ffn = nn.Sequential(nn.GELU(), copy.deepcopy(vi.ffn[1]), nn.GELU(), copy.deepcopy(vi.ffn[3]), nn.GELU(), copy.deepcopy(vi.head))
+    return copy.deepcopy(vi.W), ffn
+
+# %% ../nbs/04b_testing.ipynb #2ad40ec2
+def cocoer_code_dynamic_loss(pred, target):
+    "DiscreteLoss('bce', 'dynamic'): class weights 1 / log(count + 1.2) from the batch's targets (1e-4 for absent classes), BCE summed over classes, mean over the batch."
+    stats = torch.sum(target, dim=0).unsqueeze(dim=0)
+    w = torch.zeros_like(stats)
+    w[stats != 0] = 1.0 / torch.log(stats[stats != 0] + 1.2)
+    w[stats == 0] = 0.0001
+    return F.binary_cross_entropy_with_logits(pred, target, weight=w, reduction='none').sum(dim=-1).mean()
+
+# %% ../nbs/04b_testing.ipynb #a9f8caf3
+def cocoer_code_qp(P, cost):
+    "min_x ½ xᵀPx − costᵀx  s.t.  x ≥ 0, Σx = 1 (cvxopt's qp(P, −cost, −I, 0, 1ᵀ, 1) in the code)."
+    n = len(cost)
+    C = np.concatenate([np.ones((n, 1)), np.eye(n)], 1)
+    import quadprog                                                            # a dev dependency (tests)
+    return quadprog.solve_qp(P + 1e-14 * np.trace(P) * np.eye(n), cost, C, np.r_[1., np.zeros(n)], meq=1)[0]
+
+# %% ../nbs/04b_testing.ipynb #287c95ec
+def cocoer_code_cal_grad(grad_list, cost_list, size_in, size_out):
+    "cal_grad: the levels' gradients as rows of G (float64), the QP on G Gᵀ and the losses; returns (−Gᵀx reshaped (size_out, size_in), x)."
+    G = np.zeros([len(cost_list), size_in * size_out])
+    for i, g in enumerate(grad_list): G[i][:] = g.flatten()                          # float32 gradients into a float64 matrix
+    x = cocoer_code_qp(G @ G.T, np.array([float(c.detach().cpu().numpy()) for c in cost_list]))   # (the code: .cpu().detach().numpy())
+    return -G.T.dot(x).reshape(size_out, size_in), x
+
+# %% ../nbs/04b_testing.ipynb #3cb781c7
+def cocoer_code_workspace(tokens, vi_out, vi_feature, heads, global_head, inside_lr):
+    "tokens: head, body, context (B, N, d) after ln_after; heads: the three cls_HFE (GELU, Linear, GELU, LayerNorm, Linear); as the code runs them."
+    dt = tokens[0].dtype
+    x_f = [t.flatten(start_dim=1) for t in tokens]
+    labels = [hd(x) for hd, x in zip(heads, x_f)]
+    refined = [hd[:-1](x).clone() for hd, x in zip(heads, x_f)]
+    originals = [copy.deepcopy(dict(hd.named_parameters())) for hd in heads]
+    rec = dict(order=[], lam=[], lam_bias=[], direction=[], bias_direction=[], grad_d=[], losses=[])
+    for hd in heads: hd.zero_grad()
+    for b in range(len(x_f[0])):
+        with torch.set_grad_enabled(True):
+            vi_cls = torch.gt(torch.sigmoid(vi_out[b].unsqueeze(0)), 0.3).type(dt)
+            loss_li, w_grads, b_grads = [], [], []
+            for hd, lab in zip(heads, labels):
+                loss = cocoer_code_dynamic_loss(lab[b].unsqueeze(0), vi_cls)
+                loss_li.append(loss); loss.backward(retain_graph=True)
+                w_grads.append(hd[-1].weight.grad.detach().cpu().numpy().copy()); b_grads.append(hd[-1].bias.grad.detach().cpu().numpy().copy())
+            rec['losses'].append([l.item() for l in loss_li])
+            kk, dd = heads[0][-1].weight.shape
+            steps, names, order, all_losses = [], [0, 1, 2], [], list(loss_li)
+            for s in range(2):
+                dW, lw = cocoer_code_cal_grad(w_grads, loss_li, dd, kk)
+                db, lb = cocoer_code_cal_grad(b_grads, loss_li, 1, kk)
+                steps.append((F.normalize(torch.from_numpy(dW).to(dt), dim=1).mean(0), F.normalize(torch.from_numpy(db).to(dt), dim=1).mean(0),
+                              dict(zip(names, lw)), dict(zip(names, lb))))
+                worst = loss_li.index(max(loss_li))                                 # eliminate the level with the largest loss
+                order.append(names.pop(worst))
+                for lst in (loss_li, w_grads, b_grads): lst.pop(worst)
+            rec['order'].append(order + names)
+            grad_final, bias_final = steps[0][0] + steps[1][0], steps[0][1] + steps[1][1]
+            rec['grad_d'].append((grad_final.norm() + bias_final.norm()).item())
+            rec['direction'].append(grad_final); rec['bias_direction'].append(bias_final[0])
+            rec['lam'].append([sum(st[2].get(m, 0.) for st in steps) for m in range(3)])
+            rec['lam_bias'].append([sum(st[3].get(m, 0.) for st in steps) for m in range(3)])
+            for hd in heads: hd.zero_grad()
+            for hd in heads:
+                hd[-1].weight.data = hd[-1].weight.data - grad_final * inside_lr
+                hd[-1].bias.data = hd[-1].bias.data - bias_final * inside_lr
+            for l in all_losses: l.backward(retain_graph=True)                    # the same losses again, now for the first Linear
+            for hd in heads:
+                hd[1].weight.data = hd[1].weight.data - hd[1].weight.grad * inside_lr
+                hd[1].bias.data = hd[1].bias.data - hd[1].bias.grad * inside_lr
+            for r, hd, x in zip(refined, heads, x_f): r[b] = hd[:-1](x[b].unsqueeze(0))[0]
+        for hd, orig in zip(heads, originals):
+            for n, p in hd.named_parameters(): p.data.copy_(orig[n].data)
+        for hd in heads: hd.zero_grad()
+    out_all = global_head(torch.cat(refined + [vi_feature], dim=1))
+    return out_all, torch.stack(refined, 1), rec
+
+# %% ../nbs/04b_testing.ipynb #8f4d60b9
+def cocoer_code_heads(model):
+    "The code's three cls_HFE (no Flatten: the code flattens first) holding the weights of an emonb model's mappings."
+    return [nn.Sequential(*[copy.deepcopy(m) for m in model.mappings[l].features[1:]], copy.deepcopy(model.mappings[l].pred)) for l in model.mappings]
+
+# %% ../nbs/04b_testing.ipynb #ddedf76b
+def dferclip_literal_loss(m, x, y):
+    "Eqs. (1)-(5) of DFER-CLIP on a DFERCLIP model `m`, clips x (B, T, 3, H, W), labels y: frames one at a time, the temporal blocks by hand, each prompt assembled token by token."
+    cm, B, T = m.clip.model, x.shape[0], x.shape[1]
+    f = torch.stack([cm.encode_image(x[:, i]) for i in range(T)], 1)                       # (1) f_i^v = f(x_i)
+    if m.temporal is None: fV = f.mean(1)
+    else:
+        tm = m.temporal
+        z = torch.cat([tm.cls_token.expand(B, 1, -1), f], 1) + tm.pos_embedding[:, :T + 1]  # (2) [f_0 + e_0, f_i + e_i]
+        for blk in tm.blocks:
+            q, k, v = (blk.norm1(z) @ blk.qkv.weight.T).chunk(3, -1)
+            d = q.shape[-1] // blk.heads
+            heads = [torch.softmax(q[..., j*d:(j+1)*d] @ k[..., j*d:(j+1)*d].transpose(1, 2) / math.sqrt(d), -1) @ v[..., j*d:(j+1)*d]
+                     for j in range(blk.heads)]
+            z = z + torch.cat(heads, -1) @ blk.out.weight.T + blk.out.bias
+            z = z + F.gelu(blk.norm2(z) @ blk.mlp[0].weight.T + blk.mlp[0].bias, approximate=blk.mlp[1].approximate) @ blk.mlp[3].weight.T + blk.mlp[3].bias
+        fV = tm.norm(z[:, 0])
+    pl, fT = m.prompts, []
+    for kk, text in enumerate(pl.texts):                                                    # (3) P_k = [p]_k^1..[p]_k^M text_k
+        ids = m.clip.tokenize([text])[0]; n = int(ids.argmax()) - 1                           # n text tokens between SOS and EOS
+        e, c = cm.token_embedding(ids), pl.ctx[kk if pl.class_specific else 0]
+        if pl.position == 'front': seq = [e[:1], c, e[1:n + 1]]
+        elif pl.position == 'end': seq = [e[:1], e[1:n + 1], c]
+        else: seq = [e[:1], c[:pl.n_ctx // 2], e[1:n + 1], c[pl.n_ctx // 2:]]
+        P, eos = torch.cat(seq + [e[n + 1:]])[:len(ids)], sum(len(s) for s in seq)
+        h = cm.ln_final(cm.transformer((P + cm.positional_embedding)[None], attn_mask=cm.attn_mask))
+        fT.append(h[0, eos] @ cm.text_projection)                                             # (4) f_k^T = h(P_k)
+    cos = torch.stack([torch.stack([fV[i] @ t / (fV[i].norm() * t.norm()) for t in fT]) for i in range(B)])
+    p = torch.exp(cos / m.tau) / torch.exp(cos / m.tau).sum(1, keepdim=True)                   # (5)
+    return -torch.log(p[torch.arange(B), y]).mean()
+
+# %% ../nbs/04b_testing.ipynb #37438c36
+def loss_agreement(loss: torch.Tensor, ref: torch.Tensor, params) -> dict:
+    "{loss, literal, n_params, max_rel_grad_diff}: `loss` and the reference `ref` (scalars of the same parameters) and the largest max|g − g_ref| / max|g_ref| over `params`."
+    params = list(params)
+    if not params: raise ValueError("loss_agreement needs at least one parameter")
+    g, g_ref = torch.autograd.grad(loss, params), torch.autograd.grad(ref, params)
+    return dict(loss=loss.item(), literal=ref.item(), n_params=len(params),
+                max_rel_grad_diff=max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(g, g_ref)))
+
+# %% ../nbs/04b_testing.ipynb #f372a4be
+class ColourNet(nn.Module):
+    "Two 3x3 colour detectors (red, blue) on a small CNN; logit c = mean response of detector c over the image (or over one `quadrant` only)."
+    def __init__(self, quadrant: int = None):
+        super().__init__()
+        if quadrant not in (None, 0, 1, 2, 3): raise ValueError(f"quadrant must be None or 0..3, not {quadrant!r}")
+        self.features = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1, bias=False), nn.ReLU())
+        with torch.no_grad():
+            self.features[0].weight.zero_()
+            self.features[0].weight[0, 0] = 1 / 9; self.features[0].weight[0, 2] = -1 / 9    # red minus blue
+            self.features[0].weight[1, 2] = 1 / 9; self.features[0].weight[1, 0] = -1 / 9    # blue minus red
+        self.quadrant = quadrant
+    def forward(self, x):
+        a = self.features(x)
+        if self.quadrant is not None:
+            h, w = a.shape[-2] // 2, a.shape[-1] // 2
+            r, c = divmod(self.quadrant, 2)
+            a = a[..., r * h:(r + 1) * h, c * w:(c + 1) * w]
+        return a.mean((2, 3))
+
+# %% ../nbs/04b_testing.ipynb #c074cc78
+def quadrant_image(colours: dict, size: int = 32) -> torch.Tensor:
+    "A black (3, size, size) image with a colour square (channel index) centred in each quadrant of `colours` (quadrant 0..3 -> channel)."
+    x, q = torch.zeros(3, size, size), size // 2
+    for quad, ch in colours.items():
+        r, c = divmod(quad, 2)
+        x[ch, r * q + q // 4: r * q + 3 * q // 4, c * q + q // 4: c * q + 3 * q // 4] = 1.
+    return x
+
+# %% ../nbs/04b_testing.ipynb #b5b9c27e
+def quadrant_mass(maps: torch.Tensor) -> torch.Tensor:
+    "(B, 4): the share of each map's total in quadrants 0 (top left), 1 (top right), 2 (bottom left), 3 (bottom right)."
+    h, w = maps.shape[-2] // 2, maps.shape[-1] // 2
+    q = torch.stack([maps[:, :h, :w], maps[:, :h, w:], maps[:, h:, :w], maps[:, h:, w:]], 1).flatten(2).sum(-1)
+    return q / q.sum(1, keepdim=True).clamp_min(1e-12)
+
+# %% ../nbs/04b_testing.ipynb #13e3e5d3
+def autograd_cam(layer: nn.Module, inputs, target: torch.Tensor, score, to_grid=None, count: int = None, index: int = None) -> torch.Tensor:
+    "Reference Grad-CAM (B, h, w) of `layer` for the class `target` of `score(*inputs)`: activation by a plain forward hook, gradient by torch.autograd.grad, then the equation."
+    store = []
+    h = layer.register_forward_hook(lambda m, i, o: store.append(o))
+    try:
+        xs = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+        s = score(*xs).gather(1, target[:, None]).sum()
+        (g,) = torch.autograd.grad(s, store[0])
+    finally: h.remove()
+    A, G = store[0].detach(), g
+    if to_grid is not None: A, G = to_grid(A), to_grid(G)
+    cam = F.relu((G.mean((2, 3), keepdim=True) * A).sum(1))
+    return cam.view(-1, count, *cam.shape[1:])[:, index] if count else cam
+
+# %% ../nbs/04b_testing.ipynb #84399f68
+def n_hooks(model: nn.Module) -> int:
+    "The number of forward, forward-pre and backward hooks on `model` and its submodules."
+    return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

@@ -16,11 +16,11 @@ import argparse, time
 import numpy as np
 import torch
 from emonb.qp import solve_simplex_qp, simplex_qp_objective, frank_wolfe_simplex_qp
+from emonb.testing import random_simplex_qps, slsqp_simplex_qp
 
 def problems(B, q, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    G = torch.randn(B, q, q + 5, generator=g, dtype=torch.float64)
-    return (G @ G.mT).to(device), (3 * torch.rand(B, q, generator=g, dtype=torch.float64)).to(device)
+    Q, f = random_simplex_qps(B, q, q + 5, generator=torch.Generator().manual_seed(seed))
+    return Q.to(device), f.to(device)
 
 def timed(fn, device, min_time=0.3, max_reps=50):
     "Best seconds per call after a warm-up (repeated until `min_time` has passed)."
@@ -35,17 +35,6 @@ def timed(fn, device, min_time=0.3, max_reps=50):
 
 def timed_once(fn):
     t = time.perf_counter(); fn(); return time.perf_counter() - t
-
-def slsqp_loop(Q, f):
-    from scipy.optimize import minimize
-    out = np.zeros_like(f)
-    for b in range(len(f)):
-        A, c, n = Q[b], f[b], f.shape[1]
-        r = minimize(lambda x: 0.5 * x @ A @ x - c @ x, np.full(n, 1 / n), jac=lambda x: A @ x - c, method='SLSQP',
-                     bounds=[(0, 1)] * n, constraints=[dict(type='eq', fun=lambda x: x.sum() - 1, jac=lambda x: np.ones(n))],
-                     options=dict(ftol=1e-15, maxiter=1000))
-        out[b] = r.x
-    return out
 
 def quadprog_loop(Q, f):
     import quadprog
@@ -81,7 +70,7 @@ def main(argv=None):
         Q, f = problems(a.ref_problems, q, torch.device('cpu'))
         Qn, fn = Q.numpy(), f.numpy()
         ours = solve_simplex_qp(Q, f)
-        for name, fn_loop in (('quadprog loop (per problem)', quadprog_loop), ('SciPy SLSQP loop (per problem)', slsqp_loop)):
+        for name, fn_loop in (('quadprog loop (per problem)', quadprog_loop), ('SciPy SLSQP loop (per problem)', slsqp_simplex_qp)):
             try: ref = fn_loop(Qn, fn)
             except ImportError: print(f"{name:34s} {q:2d}      -            -  (not installed)"); continue
             t = min(timed_once(lambda: fn_loop(Qn, fn)) for _ in range(3))

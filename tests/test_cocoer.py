@@ -1,30 +1,19 @@
-"CocoER (emonb.cocoer): the closed-form workspace against per-sample autograd gradients and an independent QP (SciPy SLSQP), the official variant against a literal re-implementation of the official code (bisno/CocoER models_sw.py, utils.py), the variants' differences, the model's gradient paths, and a tiny run."
-import copy, json, math
+"CocoER (emonb.cocoer): the closed-form workspace against per-sample autograd gradients and an independent QP (SciPy SLSQP), the official variant against emonb.testing's literal re-implementation of the official code (bisno/CocoER models_sw.py, utils.py), the variants' differences, the model's gradient paths, and a tiny run."
+import copy, json
 import numpy as np
 import pandas as pd
 import pytest
-import quadprog
 import torch
 import torch.nn.functional as F
 from torch import nn
-from scipy.optimize import minimize
 from emonb.qp import solve_simplex_qp
+from emonb.testing import (slsqp_simplex_qp, cocoer_code_encoder, cocoer_code_box_positions, cocoer_code_vi, cocoer_code_vi_from,
+                           cocoer_code_dynamic_loss, cocoer_code_workspace, cocoer_code_heads)
 from emonb.core import label_set
 from emonb.cocoer import (level_loss_grad, workspace_gram, workspace, per_sample_workspace, CocoER, CocoerLoss, SingleLevelModel,
                           random_batch, cocoer_config, cocoer_dataloaders, world_table, train_cocoer, elimination_report,
                           conflict_breakdown, COCOER_CPU, COCOER_CPU_SIZE, LEVEL_NAMES, CrossLevelBlock, GridPositions,
                           VocabularyInformed, COCOER_TEMPLATE, EMOTIC_STATIC_WEIGHTS, COCOER_VARIANTS, _criterion)
-
-def slsqp(Q, f, mask):
-    "Reference QP: SciPy SLSQP, one problem at a time in float64 numpy; absent levels get 0 (shares no code with emonb.qp)."
-    out = []
-    for Qb, fb, mb in zip(Q.detach().double().cpu().numpy(), f.detach().double().cpu().numpy(), mask.cpu().numpy()):
-        i = np.flatnonzero(mb); Qi, fi = Qb[np.ix_(i, i)], fb[i]
-        r = minimize(lambda l: 0.5 * l @ Qi @ l - fi @ l, np.full(len(i), 1 / len(i)), jac=lambda l: Qi @ l - fi, method='SLSQP',
-                     bounds=[(0, None)] * len(i), constraints=[dict(type='eq', fun=lambda l: l.sum() - 1, jac=lambda l: np.ones_like(l))],
-                     options=dict(ftol=1e-16, maxiter=1000))
-        lam = np.zeros(len(fb)); lam[i] = r.x; out.append(lam)
-    return torch.tensor(np.array(out))
 
 def random_problem(B, q, d, k, multi_label, seed):
     g = torch.Generator().manual_seed(seed)
@@ -43,7 +32,7 @@ def random_problem(B, q, d, k, multi_label, seed):
 def test_closed_form_equals_autograd_and_reference_qp(multi_label, q, B, d, k, step, seed):
     layers, h, z, t, cw = random_problem(B, q, d, k, multi_label, seed)
     ours = workspace(z, h, t, multi_label, cw, step, variant='paper')
-    for solver, tol in ((slsqp, 1e-6), (None, 1e-10)):
+    for solver, tol in ((slsqp_simplex_qp, 1e-6), (None, 1e-10)):
         ref = per_sample_workspace(h, layers, t, multi_label, cw, step, solver=solver)
         assert torch.equal(ours.order, ref.order)
         scale = max(1., ref.refined.abs().max().item())
@@ -172,153 +161,6 @@ def test_cached_run_equals_uncached_multilabel(tmp_path, clip):
     bi, bc = li.dls.valid.one_batch(), lc.dls.valid.one_batch()
     assert [type(x) for x in bi] == [type(x) for x in bc] and all(torch.allclose(a.float(), b.float()) for a, b in zip(bi, bc))
 
-# ---- a literal re-implementation of the official code (bisno/CocoER), written for these tests (also in the notebook's parity section)
-# --- the code's attention block (models_sw.py: MultiHeadAttention, attention, Swish, PositionwiseFeedForward, Encoder), written out
-class CodeMHA(nn.Module):
-    def __init__(self, h, d_model, dropout=0.1):
-        super().__init__()
-        self.d_k, self.h = d_model // h, h
-        self.linears = nn.ModuleList([nn.Linear(d_model, d_model) for _ in range(4)])   # query, key, value, output
-        self.dropout = nn.Dropout(dropout)
-    def forward(self, query, key, value):
-        n = query.size(0)
-        query, key, value = [l(x).view(n, -1, self.h, self.d_k).transpose(1, 2) for l, x in zip(self.linears, (query, key, value))]
-        p = self.dropout(F.softmax(query @ key.transpose(-2, -1) / math.sqrt(self.d_k), dim=-1))
-        return self.linears[-1]((p @ value).transpose(1, 2).contiguous().view(n, -1, self.h * self.d_k))
-
-class CodeEncoder(nn.Module):
-    "Pre-norm: x + attn(norm1(x) + x_pos, norm3(y) + y_pos, y), then x + w_2(dropout(swish(w_1(norm2(x)))))."
-    def __init__(self, h, d_model, d_ff, dropout=0.1):
-        super().__init__()
-        self.cross_attn = CodeMHA(h, d_model, dropout)
-        self.w_1, self.w_2, self.ff_dropout = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model), nn.Dropout(dropout)
-        self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-    def forward(self, x, y, x_pos, y_pos):
-        x = x + self.dropout1(self.cross_attn(self.norm1(x) + x_pos, self.norm3(y) + y_pos, y))
-        f = self.w_1(self.norm2(x))
-        return x + self.dropout2(self.w_2(self.ff_dropout(f * torch.sigmoid(f))))
-
-def code_encoder_from(blk: CrossLevelBlock) -> CodeEncoder:
-    "The code's block holding the weights of an emonb block (4 heads, d_k = d / 4)."
-    enc = CodeEncoder(blk.heads, blk.to_q.in_features, blk.ffn[0].out_features, blk.p).to(blk.to_q.weight.dtype)
-    for dst, src in zip(enc.cross_attn.linears, (blk.to_q, blk.to_k, blk.to_v, blk.out)): dst.load_state_dict(src.state_dict())
-    for dst, src in ((enc.norm1, blk.norm_x), (enc.norm3, blk.norm_y), (enc.norm2, blk.norm_ffn), (enc.w_1, blk.ffn[0]), (enc.w_2, blk.ffn[3])):
-        dst.load_state_dict(src.state_dict())
-    return enc
-
-# --- the code's ROI positions (model_GWT.get_roi_points, get_dense_grid_points, bilinear_interpolate, PositionEmbeddingLearned)
-def code_position_map(col, row, n):
-    "PositionEmbeddingLearned for one image: (H, W, C) with [y, x] = cat(col[x], row[y])."
-    return torch.cat([col.unsqueeze(0).repeat(n, 1, 1), row.unsqueeze(1).repeat(1, n, 1)], dim=-1)
-
-def code_roi_points(rois, grid):
-    "rois (B, 4) x1y1x2y2 in pixels -> (B, grid², 2) points in (y, x) order: box centre + (idx + 0.5)/grid · size − size/2."
-    size = rois[:, [3, 2]] - rois[:, [1, 0]]
-    idx = torch.nonzero(size.new_ones((grid, grid)), as_tuple=False)[None].repeat(len(rois), 1, 1).to(size)
-    return (idx + 0.5) / grid * size.unsqueeze(1) - size.unsqueeze(1) / 2 + ((rois[:, [3, 2]] + rois[:, [1, 0]]) / 2).unsqueeze(1)
-
-def code_bilinear_interpolate(im, x, y):
-    x0, y0 = torch.floor(x).long(), torch.floor(y).long()
-    x1, y1 = x0 + 1, y0 + 1
-    x0, x1 = torch.clamp(x0, 0, im.shape[1] - 1), torch.clamp(x1, 0, im.shape[1] - 1)
-    y0, y1 = torch.clamp(y0, 0, im.shape[0] - 1), torch.clamp(y1, 0, im.shape[0] - 1)
-    Ia, Ib, Ic, Id = im[y0, x0], im[y1, x0], im[y0, x1], im[y1, x1]
-    wa, wb = (x1.type_as(x) - x) * (y1.type_as(y) - y), (x1.type_as(x) - x) * (y - y0.type_as(y))
-    wc, wd = (x - x0.type_as(x)) * (y1.type_as(y) - y), (x - x0.type_as(x)) * (y - y0.type_as(y))
-    return torch.t(torch.t(Ia) * wa) + torch.t(torch.t(Ib) * wb) + torch.t(torch.t(Ic) * wc) + torch.t(torch.t(Id) * wd)
-
-def code_box_positions(col, row, rois_px, grid=7):
-    "Positions of the tokens of a box given in pixels of the 224-px context: ROI points / 32, sampled from the position map."
-    pts = code_roi_points(rois_px.to(col), grid) / 32
-    return code_bilinear_interpolate(code_position_map(col, row, grid), pts[..., 1].reshape(-1), pts[..., 0].reshape(-1)).view(len(rois_px), grid * grid, -1)
-
-# --- the code's V-I head (vocabulary_informed_output): W, the mapped feature repeated per class, VI_ffn (GELU first)
-def code_vi(image_features, W, ffn, k):
-    e = image_features / image_features.norm(dim=-1, keepdim=True)
-    m = torch.unsqueeze(W(e), 1).expand(-1, k, -1).clone().flatten(start_dim=1)
-    return ffn(m), ffn[:-1](m)
-
-def code_vi_from(vi: VocabularyInformed):
-    "The code's W and VI_ffn holding the weights of an emonb V-I module built with input='repeat', norm=False."
-    ffn = nn.Sequential(nn.GELU(), copy.deepcopy(vi.ffn[1]), nn.GELU(), copy.deepcopy(vi.ffn[3]), nn.GELU(), copy.deepcopy(vi.head))
-    return copy.deepcopy(vi.W), ffn
-
-# --- the code's level loss (utils.py DiscreteLoss('bce', 'dynamic')) on one sample's (1, k) logits and pseudo label
-def code_dynamic_loss(pred, target):
-    stats = torch.sum(target, dim=0).unsqueeze(dim=0)
-    w = torch.zeros_like(stats)
-    w[stats != 0] = 1.0 / torch.log(stats[stats != 0] + 1.2)
-    w[stats == 0] = 0.0001
-    return F.binary_cross_entropy_with_logits(pred, target, weight=w, reduction='none').sum(dim=-1).mean()
-
-# --- the code's workspace (model_GWT.forward's loop over the batch, get_Gh, cal_grad) and its global head, written out;
-#     cvxopt's QP is replaced by quadprog (an exact active-set solver; a 1e-14 ridge makes Q strictly positive definite)
-def code_qp(P, cost):
-    "min_x ½ xᵀPx − costᵀx  s.t.  x ≥ 0, Σx = 1 (cvxopt's qp(P, −cost, −I, 0, 1ᵀ, 1) in the code)."
-    n = len(cost)
-    C = np.concatenate([np.ones((n, 1)), np.eye(n)], 1)
-    return quadprog.solve_qp(P + 1e-14 * np.trace(P) * np.eye(n), cost, C, np.r_[1., np.zeros(n)], meq=1)[0]
-
-def code_cal_grad(grad_list, cost_list, size_in, size_out):
-    G = np.zeros([len(cost_list), size_in * size_out])
-    for i, g in enumerate(grad_list): G[i][:] = g.flatten()                          # float32 gradients into a float64 matrix
-    x = code_qp(G @ G.T, np.array([float(c.detach().cpu().numpy()) for c in cost_list]))   # (the code: .cpu().detach().numpy())
-    return -G.T.dot(x).reshape(size_out, size_in), x
-
-def code_workspace(tokens, vi_out, vi_feature, heads, global_head, inside_lr):
-    "tokens: head, body, context (B, N, d) after ln_after; heads: the three cls_HFE (GELU, Linear, GELU, LayerNorm, Linear); as the code runs them."
-    dt = tokens[0].dtype
-    x_f = [t.flatten(start_dim=1) for t in tokens]
-    labels = [hd(x) for hd, x in zip(heads, x_f)]
-    refined = [hd[:-1](x).clone() for hd, x in zip(heads, x_f)]
-    originals = [copy.deepcopy(dict(hd.named_parameters())) for hd in heads]
-    rec = dict(order=[], lam=[], lam_bias=[], direction=[], bias_direction=[], grad_d=[], losses=[])
-    for hd in heads: hd.zero_grad()
-    for b in range(len(x_f[0])):
-        with torch.set_grad_enabled(True):
-            vi_cls = torch.gt(torch.sigmoid(vi_out[b].unsqueeze(0)), 0.3).type(dt)
-            loss_li, w_grads, b_grads = [], [], []
-            for hd, lab in zip(heads, labels):
-                loss = code_dynamic_loss(lab[b].unsqueeze(0), vi_cls)
-                loss_li.append(loss); loss.backward(retain_graph=True)
-                w_grads.append(hd[-1].weight.grad.detach().cpu().numpy().copy()); b_grads.append(hd[-1].bias.grad.detach().cpu().numpy().copy())
-            rec['losses'].append([l.item() for l in loss_li])
-            kk, dd = heads[0][-1].weight.shape
-            steps, names, order, all_losses = [], [0, 1, 2], [], list(loss_li)
-            for s in range(2):
-                dW, lw = code_cal_grad(w_grads, loss_li, dd, kk)
-                db, lb = code_cal_grad(b_grads, loss_li, 1, kk)
-                steps.append((F.normalize(torch.from_numpy(dW).to(dt), dim=1).mean(0), F.normalize(torch.from_numpy(db).to(dt), dim=1).mean(0),
-                              dict(zip(names, lw)), dict(zip(names, lb))))
-                worst = loss_li.index(max(loss_li))                                 # eliminate the level with the largest loss
-                order.append(names.pop(worst))
-                for lst in (loss_li, w_grads, b_grads): lst.pop(worst)
-            rec['order'].append(order + names)
-            grad_final, bias_final = steps[0][0] + steps[1][0], steps[0][1] + steps[1][1]
-            rec['grad_d'].append((grad_final.norm() + bias_final.norm()).item())
-            rec['direction'].append(grad_final); rec['bias_direction'].append(bias_final[0])
-            rec['lam'].append([sum(st[2].get(m, 0.) for st in steps) for m in range(3)])
-            rec['lam_bias'].append([sum(st[3].get(m, 0.) for st in steps) for m in range(3)])
-            for hd in heads: hd.zero_grad()
-            for hd in heads:
-                hd[-1].weight.data = hd[-1].weight.data - grad_final * inside_lr
-                hd[-1].bias.data = hd[-1].bias.data - bias_final * inside_lr
-            for l in all_losses: l.backward(retain_graph=True)                    # the same losses again, now for the first Linear
-            for hd in heads:
-                hd[1].weight.data = hd[1].weight.data - hd[1].weight.grad * inside_lr
-                hd[1].bias.data = hd[1].bias.data - hd[1].bias.grad * inside_lr
-            for r, hd, x in zip(refined, heads, x_f): r[b] = hd[:-1](x[b].unsqueeze(0))[0]
-        for hd, orig in zip(heads, originals):
-            for n, p in hd.named_parameters(): p.data.copy_(orig[n].data)
-        for hd in heads: hd.zero_grad()
-    out_all = global_head(torch.cat(refined + [vi_feature], dim=1))
-    return out_all, torch.stack(refined, 1), rec
-
-def code_heads_from(model: CocoER):
-    "The code's three cls_HFE (no Flatten: the code flattens first) holding the weights of an emonb model's mappings."
-    return [nn.Sequential(*[copy.deepcopy(m) for m in model.mappings[l].features[1:]], copy.deepcopy(model.mappings[l].pred)) for l in LEVEL_NAMES]
-
 def max_diff(a, b): return (a.detach().double() - b.detach().double()).abs().max().item()
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -328,22 +170,22 @@ def test_official_modules_match_the_code(dt, clip):
     d, B = 32, 3
     blk = CrossLevelBlock(d, heads=4, ffn_dim=64, activation='swish').to(dt).eval()
     x, y, px, py = [torch.randn(B, 49, d, dtype=dt) for _ in range(4)]
-    assert max_diff(blk(x, y, px, py), code_encoder_from(blk).eval()(x, y, px, py)) <= TOL[dt]
+    assert max_diff(blk(x, y, px, py), cocoer_code_encoder(blk).eval()(x, y, px, py)) <= TOL[dt]
     pos = GridPositions(7, d, sampling='code').to(dt)
     rois = torch.tensor([[0, 0, 224, 224], [11, 5, 200, 64], [100, 100, 101, 223]])
-    assert max_diff(pos.sample(rois.to(dt) / 224), code_box_positions(pos.col, pos.row, rois)) <= TOL[dt]
+    assert max_diff(pos.sample(rois.to(dt) / 224), cocoer_code_box_positions(pos.col, pos.row, rois)) <= TOL[dt]
     for labels in ('caer_s', 'emotic'):
         names = label_set(labels).names
         vi = VocabularyInformed(clip, [COCOER_TEMPLATE.format(n) for n in names], d, 'repeat', False, 'orthogonal').eval()
         for m in (vi.W, vi.ffn, vi.head): m.to(dt)
         with torch.no_grad(): raw = clip.encode_image(torch.randn(B, 3, clip.image_size, clip.image_size), normalize=False).float().to(dt)
         e_out = vi.from_embedding(F.normalize(raw, dim=-1))
-        W_c, ffn_c = code_vi_from(vi)
-        c_out, c_feat = code_vi(raw, W_c, ffn_c, len(names))
+        W_c, ffn_c = cocoer_code_vi_from(vi)
+        c_out, c_feat = cocoer_code_vi(raw, W_c, ffn_c, len(names))
         assert max(max_diff(e_out[0], c_out), max_diff(e_out[1], c_feat)) <= TOL[dt]
     z = torch.randn(5, 7, dtype=dt, requires_grad=True); t = (torch.rand(5, 7) < 0.3).to(dt)
     f, g = level_loss_grad(z.detach(), t, 'dynamic_bce')
-    f_c = torch.stack([code_dynamic_loss(z[i:i + 1], t[i:i + 1]) for i in range(5)])
+    f_c = torch.stack([cocoer_code_dynamic_loss(z[i:i + 1], t[i:i + 1]) for i in range(5)])
     assert max_diff(f, f_c) <= TOL[dt] and max_diff(g, torch.autograd.grad(f_c.sum(), z)[0]) <= TOL[dt]
 
 @pytest.mark.parametrize('dt', [torch.float32, torch.float64])
@@ -356,10 +198,10 @@ def test_official_workspace_and_head_match_the_code(dt, labels, k, clip):
     g = torch.Generator().manual_seed(3)
     tokens = [torch.randn(B, 49, d, generator=g).to(dt).requires_grad_() for _ in range(3)]
     vi_out, vi_feat = (3 * torch.randn(B, k, generator=g)).to(dt), torch.randn(B, d, generator=g).to(dt).requires_grad_()
-    heads, ghead = code_heads_from(m), copy.deepcopy(m.global_head)
+    heads, ghead = cocoer_code_heads(m), copy.deepcopy(m.global_head)
     tokens_c, vi_feat_c = [t.detach().clone().requires_grad_() for t in tokens], vi_feat.detach().clone().requires_grad_()
     out = m.from_tokens(tokens, vi_out, vi_feat)
-    out_c, refined_c, rec = code_workspace(tokens_c, vi_out, vi_feat_c, heads, ghead, m.step)
+    out_c, refined_c, rec = cocoer_code_workspace(tokens_c, vi_out, vi_feat_c, heads, ghead, m.step)
     f64 = lambda v: torch.tensor(v, dtype=torch.float64)
     assert torch.equal(out.order, torch.tensor(rec['order']))
     for ours, theirs in ((out.level_losses, f64(rec['losses'])), (out.lam, f64(rec['lam'])), (out.lam_bias, f64(rec['lam_bias'])),

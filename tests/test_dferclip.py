@@ -1,4 +1,4 @@
-"DFER-CLIP (emonb.dferclip): loss and gradients against a literal re-computation of the paper's eqs. (1)-(5), parity of variant='official' with literal re-writes of the official code (zengqunzhao/DFER-CLIP), the recipe's parameter groups, and a small run that must learn."
+"DFER-CLIP (emonb.dferclip) beyond its notebook (whose cells check the loss and gradients against emonb.testing.dferclip_literal_loss): parity of variant='official' with literal re-writes of the official code (zengqunzhao/DFER-CLIP), the recipe's parameter groups, and a small run that must learn."
 import copy, glob, math, os, random
 from dataclasses import replace
 import numpy as np
@@ -22,49 +22,6 @@ def quickgelu_tiny_clip():
     import open_clip
     register_model_configs()
     return ClipEncoder(open_clip.create_model('emonb-tiny-vit', force_quick_gelu=True).eval(), open_clip.get_tokenizer('emonb-tiny-vit'))
-
-def literal_loss(m, x, y):
-    "Eqs. (1)-(5) of the paper, written out independently of the model's batched code."
-    cm, B, T = m.clip.model, x.shape[0], x.shape[1]
-    f = torch.stack([cm.encode_image(x[:, i]) for i in range(T)], 1)
-    if m.temporal is None: fV = f.mean(1)
-    else:
-        tm = m.temporal
-        z = torch.cat([tm.cls_token.expand(B, 1, -1), f], 1) + tm.pos_embedding[:, :T + 1]
-        for blk in tm.blocks:
-            q, k, v = (blk.norm1(z) @ blk.qkv.weight.T).chunk(3, -1)
-            d = q.shape[-1] // blk.heads
-            heads = [torch.softmax(q[..., j*d:(j+1)*d] @ k[..., j*d:(j+1)*d].transpose(1, 2) / math.sqrt(d), -1) @ v[..., j*d:(j+1)*d]
-                     for j in range(blk.heads)]
-            z = z + torch.cat(heads, -1) @ blk.out.weight.T + blk.out.bias
-            h = F.gelu(blk.norm2(z) @ blk.mlp[0].weight.T + blk.mlp[0].bias, approximate=blk.mlp[1].approximate)
-            z = z + h @ blk.mlp[3].weight.T + blk.mlp[3].bias
-        fV = tm.norm(z[:, 0])
-    pl, fT = m.prompts, []
-    for kk, text in enumerate(pl.texts):
-        ids = m.clip.tokenize([text])[0]; n = int(ids.argmax()) - 1
-        e, c = cm.token_embedding(ids), pl.ctx[kk if pl.class_specific else 0]
-        seq = {'front': [e[:1], c, e[1:n + 1]], 'end': [e[:1], e[1:n + 1], c],
-               'middle': [e[:1], c[:pl.n_ctx // 2], e[1:n + 1], c[pl.n_ctx // 2:]]}[pl.position]
-        P, eos = torch.cat(seq + [e[n + 1:]])[:len(ids)], sum(len(s) for s in seq)
-        h = cm.ln_final(cm.transformer((P + cm.positional_embedding)[None], attn_mask=cm.attn_mask))
-        fT.append(h[0, eos] @ cm.text_projection)
-    cos = torch.stack([torch.stack([fV[i] @ t / (fV[i].norm() * t.norm()) for t in fT]) for i in range(B)])
-    p = torch.exp(cos / m.tau) / torch.exp(cos / m.tau).sum(1, keepdim=True)
-    return -torch.log(p[torch.arange(B), y]).mean()
-
-@pytest.mark.parametrize('kw', [{}, dict(variant='emonb'), dict(temporal=False), dict(depth=2, class_specific=False, position='middle'),
-                                dict(position='end', n_ctx=2), dict(train_image=False, tau=0.07)])
-def test_loss_and_gradients_match_the_equations(texts, kw):
-    torch.manual_seed(0)
-    m = DFERCLIP(tiny_clip(), texts, n_frames=3, n_ctx=kw.pop('n_ctx', 4), **kw).double()
-    with torch.no_grad(): m.prompts.ctx.normal_(0, 1.)
-    x = torch.randn(2, 3, 3, 64, 64, dtype=torch.float64); y = torch.tensor([1, 6])
-    params = [p for p in m.parameters() if p.requires_grad]
-    loss, ref = F.cross_entropy(m(x), y), literal_loss(m, x, y)
-    assert abs(loss.item() - ref.item()) < 1e-9
-    for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref, params)):
-        assert ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() < 1e-8
 
 # ---- parity with the official code (models/Temporal_Model.py, Generate_Model.py, Prompt_Learner.py; dataloader/*; main.py)
 

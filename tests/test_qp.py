@@ -1,8 +1,9 @@
 """emonb.qp against independent references on thousands of random and degenerate simplex QPs.
 
 References: `quadprog` (Goldfarb–Idnani dual active set, one problem at a time; skipped if not installed) and a
-vectorised numpy check of the KKT conditions that shares no code with the solver. Objectives must agree to 1e-6
-(relative to the problem's scale) everywhere; λ must agree to 1e-6 where the optimum is unique (Q positive definite).
+vectorised numpy check of the KKT conditions that shares no code with the solver
+(`emonb.testing`, which also draws the problems). Objectives must agree to 1e-6 (relative to the problem's scale)
+everywhere; λ must agree to 1e-6 where the optimum is unique (Q positive definite).
 """
 import warnings
 import numpy as np
@@ -10,31 +11,11 @@ import pytest
 import torch
 from emonb.qp import (solve_simplex_qp, simplex_qp_objective, simplex_qp_gap, project_to_simplex, gram_qp,
                       frank_wolfe_simplex_qp)
+from emonb.testing import random_simplex_qps, simplex_qp_scale, simplex_qp_kkt_violation
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # tiny models: one thread (conftest), restored afterwards
 
 METHODS = {2: ('exact', 'iterative'), 3: ('exact', 'iterative'), 4: ('exact', 'iterative'), 6: ('exact', 'iterative'), 8: ('iterative',)}
-
-def scale_of(Q, f, mask):
-    "The problem's scale: max |Q| and max |f − mean f| over present levels (numpy, (B,))."
-    m2 = mask[:, :, None] & mask[:, None, :]
-    fc = np.where(mask, f - (f * mask).sum(-1, keepdims=True) / mask.sum(-1, keepdims=True), 0)
-    return np.maximum(np.abs(np.where(m2, Q, 0)).max((1, 2)), np.abs(fc).max(-1))
-
-def kkt_violation(Q, f, lam, mask, tol=1e-9):
-    "Max violation of feasibility, stationarity on the support and dual feasibility, relative to the scale (numpy, (B,))."
-    Q, f, lam = (np.asarray(x, np.float64) for x in (Q, f, lam))
-    mask = np.asarray(mask, bool)
-    Qm = np.where(mask[:, :, None] & mask[:, None, :], Q, 0)
-    g = np.einsum('bij,bj->bi', (Qm + Qm.transpose(0, 2, 1)) / 2, np.where(mask, lam, 0)) - np.where(mask, f, 0)
-    nu = np.where(mask, g, np.inf).min(-1, keepdims=True)                 # the multiplier of Σλ = 1
-    s = np.maximum(scale_of(Q, f, mask), 1e-300)[:, None]
-    support = mask & (lam > tol)
-    v = np.stack([np.abs(lam.sum(-1) - 1),                                  # Σλ = 1
-                  np.maximum(-lam, 0).max(-1),                              # λ ≥ 0
-                  np.abs(np.where(mask, 0, lam)).max(-1),                   # absent levels get 0
-                  np.where(support, np.abs(g - nu) / s, 0).max(-1)], -1)    # g_i = ν on the support, g ≥ ν by definition of ν
-    return v.max(-1)
 
 def reference(Q, f, mask, ridge=0.):
     "quadprog, one problem at a time, on the present levels; `ridge` (relative to the scale) makes a singular Q definite."
@@ -51,20 +32,12 @@ def reference(Q, f, mask, ridge=0.):
         out[b, idx] = x
     return out
 
-def random_family(B, q, n, gen, kind='gauss'):
-    "Q = G Gᵀ from per-level gradients G (B, q, n) and losses f; kinds vary the geometry."
-    G = torch.randn(B, q, n, generator=gen, dtype=torch.float64)
-    if kind == 'correlated': G = G + 3 * torch.randn(B, 1, n, generator=gen, dtype=torch.float64)   # similar gradients
-    if kind == 'scaled': G = G * torch.exp(2 * torch.randn(B, q, 1, generator=gen, dtype=torch.float64))  # very different norms
-    f = 3 * torch.rand(B, q, generator=gen, dtype=torch.float64)
-    return G @ G.mT, f
-
 def compare(Q, f, mask, lam, ref, unique, obj_tol=1e-6, lam_tol=1e-6):
     Qn, fn, mn = Q.numpy(), f.numpy(), mask.numpy()
-    s = scale_of(Qn, fn, mn)
+    s = simplex_qp_scale(Qn, fn, mn)
     o, o_ref = (simplex_qp_objective(Q, f, torch.as_tensor(l, dtype=torch.float64), mask).numpy() for l in (lam, ref))
     assert np.isfinite(lam.numpy()).all()
-    assert kkt_violation(Qn, fn, lam.numpy(), mn).max() <= 1e-8
+    assert simplex_qp_kkt_violation(Qn, fn, lam.numpy(), mn).max() <= 1e-8
     assert np.all(np.abs(o - o_ref) <= obj_tol * s), np.abs(o - o_ref).max()
     assert np.all(o <= o_ref + 1e-9 * s)            # never worse than the reference
     if unique.any(): np.testing.assert_allclose(lam.numpy()[unique], ref[unique], atol=lam_tol, rtol=0)
@@ -74,7 +47,7 @@ def compare(Q, f, mask, lam, ref, unique, obj_tol=1e-6, lam_tol=1e-6):
 def test_random_full_rank_vs_quadprog(q, kind):
     gen = torch.Generator().manual_seed(q * 10 + len(kind))
     B = 2000 if q <= 3 else 600
-    Q, f = random_family(B, q, q + 3, gen, kind)
+    Q, f = random_simplex_qps(B, q, q + 3, kind, generator=gen)
     mask = torch.ones(B, q, dtype=torch.bool)
     ref = reference(Q, f, mask)
     ev = torch.linalg.eigvalsh(Q)
@@ -90,7 +63,7 @@ def test_rank_deficient_vs_quadprog(q, n):
     "Singular Q = G Gᵀ (n < q): the optimum may not be unique, so only objectives (and the KKT conditions) are compared."
     gen = torch.Generator().manual_seed(100 + q * n)
     B = 1500 if q <= 3 else 400
-    Q, f = random_family(B, q, n, gen)
+    Q, f = random_simplex_qps(B, q, n, generator=gen)
     mask = torch.ones(B, q, dtype=torch.bool)
     ref = reference(Q, f, mask, ridge=1e-7)                 # perturbs the optimum by ≤ 5e-8 of the scale
     ref = project_to_simplex(torch.tensor(ref)).numpy()     # quadprog's answer on a near-singular Q is feasible only to ~1e-8; projected, it is a feasible point
@@ -132,7 +105,7 @@ def test_degenerate_kkt_without_reference():
         for method in ('exact', 'iterative'):
             lam = solve_simplex_qp(Q, f, method=method)
             assert torch.isfinite(lam).all()
-            assert kkt_violation(Q.numpy(), f.numpy(), lam.numpy(), np.ones(f.shape, bool)).max() <= 1e-9, (name, fname, method)
+            assert simplex_qp_kkt_violation(Q.numpy(), f.numpy(), lam.numpy(), np.ones(f.shape, bool)).max() <= 1e-9, (name, fname, method)
 
 def test_zero_Q_and_tie_breaking():
     "Q = 0: the vertex of the largest loss, ties to the lowest present index — for both methods, in any batch."
@@ -152,8 +125,8 @@ def test_zero_Q_and_tie_breaking():
 @pytest.mark.parametrize('scale', [1e8, 1e-8])
 def test_scales(scale):
     gen = torch.Generator().manual_seed(11)
-    Q, f = random_family(1000, 3, 5, gen)
-    Q8, f8 = random_family(300, 8, 10, gen)
+    Q, f = random_simplex_qps(1000, 3, 5, generator=gen)
+    Q8, f8 = random_simplex_qps(300, 8, 10, generator=gen)
     for A, c, methods in ((Q, f, ('exact', 'iterative')), (Q8, f8, ('iterative',))):
         for method in methods:
             base = solve_simplex_qp(A, c, method=method)
@@ -161,13 +134,13 @@ def test_scales(scale):
     # only Q huge (f negligible) or only f huge (Q negligible): still certified optimal
     for A, c in ((Q * scale, f), (Q, f * scale)):
         lam = solve_simplex_qp(A, c)
-        assert kkt_violation(A.numpy(), c.numpy(), lam.numpy(), np.ones(c.shape, bool)).max() <= 1e-9
+        assert simplex_qp_kkt_violation(A.numpy(), c.numpy(), lam.numpy(), np.ones(c.shape, bool)).max() <= 1e-9
 
 def test_masked_vs_quadprog():
     "Random masks (the q−1 problems of CocoER's elimination): absent levels get exactly 0, the rest match the reduced problem."
     gen = torch.Generator().manual_seed(12)
     for q in (3, 5):
-        Q, f = random_family(1500, q, q + 2, gen)
+        Q, f = random_simplex_qps(1500, q, q + 2, generator=gen)
         mask = torch.rand(1500, q, generator=gen) < 0.6; mask[:, 0] |= ~mask.any(-1)
         Qg, fg = Q.clone(), f.clone()
         Qg[~(mask[:, :, None] & mask[:, None, :])] = torch.nan; fg[~mask] = torch.inf   # garbage in absent levels is ignored
@@ -179,7 +152,7 @@ def test_masked_vs_quadprog():
 
 def test_float32_and_bfloat16_inputs():
     gen = torch.Generator().manual_seed(13)
-    Q, f = random_family(2000, 3, 6, gen)
+    Q, f = random_simplex_qps(2000, 3, 6, generator=gen)
     Q32, f32 = Q.float(), f.float()
     for method in ('exact', 'iterative'):
         lam = solve_simplex_qp(Q32, f32, method=method)
@@ -193,7 +166,7 @@ def test_float32_and_bfloat16_inputs():
 def test_batch_independence_and_single_problem():
     "A problem's answer does not depend on the rest of its batch; (q, q), (q,) inputs solve one problem."
     gen = torch.Generator().manual_seed(14)
-    Q, f = random_family(200, 4, 6, gen)
+    Q, f = random_simplex_qps(200, 4, 6, generator=gen)
     for method in ('exact', 'iterative'):
         lam = solve_simplex_qp(Q, f, method=method)
         for i in (0, 57, 199):
@@ -214,9 +187,9 @@ def test_iterative_matches_exact_on_many_levels():
     "Exact enumeration (63 / 255 faces) and the iterative solver agree on q = 6 and 8, including singular Q."
     gen = torch.Generator().manual_seed(16)
     for q, n in ((6, 9), (6, 2), (8, 11), (8, 4)):
-        Q, f = random_family(300, q, n, gen)
+        Q, f = random_simplex_qps(300, q, n, generator=gen)
         ex, it = solve_simplex_qp(Q, f, method='exact'), solve_simplex_qp(Q, f, method='iterative')
-        s = torch.as_tensor(scale_of(Q.numpy(), f.numpy(), np.ones(f.shape, bool)))
+        s = torch.as_tensor(simplex_qp_scale(Q.numpy(), f.numpy(), np.ones(f.shape, bool)))
         torch.testing.assert_close(simplex_qp_objective(Q, f, it) / s, simplex_qp_objective(Q, f, ex) / s, atol=1e-9, rtol=0)
         if n >= q: torch.testing.assert_close(it, ex, atol=1e-7, rtol=0)
 
@@ -230,11 +203,11 @@ def test_projection_vs_quadprog():
 
 def test_frank_wolfe_baseline():
     gen = torch.Generator().manual_seed(18)
-    Q, f = random_family(500, 3, 6, gen)
+    Q, f = random_simplex_qps(500, 3, 6, generator=gen)
     lam_fw, info = frank_wolfe_simplex_qp(Q, f, tol=1e-6, max_iter=20_000)
     opt = simplex_qp_objective(Q, f, solve_simplex_qp(Q, f))
     d = simplex_qp_objective(Q, f, lam_fw) - opt
-    s = torch.as_tensor(scale_of(Q.numpy(), f.numpy(), np.ones(f.shape, bool)))
+    s = torch.as_tensor(simplex_qp_scale(Q.numpy(), f.numpy(), np.ones(f.shape, bool)))
     assert info['converged'].float().mean() > 0.5 and (d >= -1e-12).all() and (d[info['converged']] <= 1e-6 * s[info['converged']]).all()
 
 def test_bad_inputs():
@@ -252,7 +225,7 @@ def test_bad_inputs():
 
 def test_max_iter_warns():
     gen = torch.Generator().manual_seed(19)
-    Q, f = random_family(50, 8, 3, gen)
+    Q, f = random_simplex_qps(50, 8, 3, generator=gen)
     with pytest.warns(UserWarning, match='did not reach'):
         solve_simplex_qp(Q, f, method='iterative', max_iter=1, tol=1e-15)
 
@@ -260,14 +233,14 @@ def test_max_iter_warns():
 def test_cuda_matches_cpu():
     gen = torch.Generator().manual_seed(20)
     for q, n in ((3, 5), (3, 1), (8, 10), (8, 3)):
-        Q, f = random_family(4096, q, n, gen)
+        Q, f = random_simplex_qps(4096, q, n, generator=gen)
         mask = torch.rand(4096, q, generator=gen) < 0.8; mask[:, 0] = True
         for method in METHODS[q if q in METHODS else 8]:
             cpu = solve_simplex_qp(Q, f, mask, method=method)
             gpu = solve_simplex_qp(Q.cuda(), f.cuda(), mask.cuda(), method=method)
             assert gpu.device.type == 'cuda'
             o_c, o_g = (simplex_qp_objective(Q, f, l.cpu(), mask) for l in (cpu, gpu))
-            s = torch.as_tensor(scale_of(Q.numpy(), f.numpy(), mask.numpy()))
+            s = torch.as_tensor(simplex_qp_scale(Q.numpy(), f.numpy(), mask.numpy()))
             assert ((o_g - o_c).abs() <= 1e-9 * s).all()
             if n >= q: torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-7, rtol=0)
         lam32 = solve_simplex_qp(Q.float().cuda(), f.float().cuda(), mask.cuda())
