@@ -13,13 +13,13 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['ADJECTIVES', 'SYNONYMS', 'EMOTIONS', 'LEVELS', 'LABEL_SETS', 'IMAGE_EXTS', 'TABLE_COLUMNS', 'VARIANTS',
-           'OUTPUT_MARKER', 'canonical_name', 'LabelSet', 'register_label_set', 'label_set', 'label_mapping',
-           'map_labels', 'table_schema', 'confusion_matrix', 'per_class_recall', 'war', 'uar',
+           'OUTPUT_MARKER', 'PATH_VARIABLES', 'canonical_name', 'LabelSet', 'register_label_set', 'label_set',
+           'label_mapping', 'map_labels', 'table_schema', 'confusion_matrix', 'per_class_recall', 'war', 'uar',
            'average_precision_per_class', 'mean_average_precision', 'war_metric', 'uar_metric', 'map_metric',
            'check_variant', 'is_main_process', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
            'output_manifest', 'check_output_dir', 'prepare_output_dir', 'record_outputs', 'records_outputs',
-           'resuming_runs', 'resume_requested', 'check_output_disjoint', 'emonb_home', 'image_to_8bit',
-           'eight_bit_rule']
+           'resuming_runs', 'resume_requested', 'check_output_disjoint', 'emonb_home', 'cache_dir', 'shared_data_dir',
+           'emonb_paths', 'image_to_8bit', 'eight_bit_rule']
 
 # %% ../nbs/00_core.ipynb #ad084668
 ADJECTIVES = {
@@ -552,6 +552,43 @@ def check_output_disjoint(out, inputs) -> Path:
 def emonb_home() -> Path:
     "emonb's folder for extracted archives, caches and weights: `$EMONB_HOME`, or `~/.cache/emonb`."
     return Path(os.environ.get('EMONB_HOME') or Path.home()/'.cache'/'emonb').expanduser()
+
+# %% ../nbs/00_core.ipynb #700c341d
+PATH_VARIABLES = {'EMONB_HOME': "emonb's own folder: extracted archives, weights, checks",
+                  'EMONB_CACHE_DIR': 'caches that can be rebuilt (crops, features, checks)',
+                  'EMONB_PROMPT_CACHE': 'the LLM prompt cache',
+                  'EMONB_SHARED_DATA': 'the shared data folder (detectors, real photos, FER2013)'}
+
+# %% ../nbs/00_core.ipynb #58885db1
+def cache_dir(name: str) -> Path:
+    "The cache folder `name` (e.g. 'crops'): `$EMONB_CACHE_DIR/name`, else `emonb_home()/name`."
+    return Path(os.environ.get('EMONB_CACHE_DIR') or emonb_home()).expanduser()/name
+
+# %% ../nbs/00_core.ipynb #4daf77a3
+def shared_data_dir(required: bool = False) -> Path | None:
+    "The shared data folder: `$EMONB_SHARED_DATA`, else `shared/data` beside the repository; None (or an error) if absent."
+    env = os.environ.get('EMONB_SHARED_DATA')
+    if env:
+        p = Path(env).expanduser()
+        if p.is_dir(): return p.resolve()
+        if required: raise FileNotFoundError(f"EMONB_SHARED_DATA={env} is not a folder")
+        return None
+    here = Path(__file__).resolve().parent if '__file__' in globals() else Path.cwd()
+    for base in (here.parent, Path.cwd(), Path.cwd().parent):
+        p = base.parent/'shared'/'data'
+        if p.is_dir(): return p.resolve()
+    if required:
+        raise FileNotFoundError("the shared data folder was not found: set EMONB_SHARED_DATA to the folder that holds "
+                                "detectors/ and images/ (by default emonb looks for ../shared/data beside the repository)")
+    return None
+
+# %% ../nbs/00_core.ipynb #ec7144d2
+def emonb_paths() -> dict:
+    "What emonb's folders resolve to here: variable -> (its value or None, the folder used)."
+    from emonb.prompts import prompt_cache_dir
+    used = {'EMONB_HOME': emonb_home(), 'EMONB_CACHE_DIR': cache_dir(''), 'EMONB_PROMPT_CACHE': prompt_cache_dir(),
+            'EMONB_SHARED_DATA': shared_data_dir()}
+    return {k: (os.environ.get(k), used[k]) for k in PATH_VARIABLES}
 
 # %% ../nbs/00_core.ipynb #723034a3
 _ALPHA_MODES = ('RGBA', 'LA', 'PA', 'RGBa')

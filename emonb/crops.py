@@ -11,14 +11,15 @@ import os, io, sys, json, math, time, hashlib, tempfile, warnings, importlib.uti
 import numpy as np, pandas as pd
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from .core import atomic_write_bytes, atomic_write_text, atomic_write_json, prepare_output_dir, record_outputs, image_to_8bit, records_outputs
+from .core import cache_dir, shared_data_dir
 
 # %% auto #0
-__all__ = ['SHARED_DATA_ENV', 'DETECTOR_FILES', 'DETECTOR_TASKS', 'MODEL_SUFFIXES', 'PACKAGED_DIR', 'YUNET_FILE', 'FALLBACKS',
-           'RULES', 'CACHE_VERSION', 'LEVELS', 'BOX_COLUMNS', 'configure_ultralytics', 'import_ultralytics',
-           'shared_data_dir', 'detector_path', 'box_area', 'box_intersection', 'box_iou', 'box_cover', 'as_detections',
-           'file_sha256', 'YOLODetector', 'face_detector', 'person_detector', 'BoxDetector', 'packaged_file',
-           'YuNetDetector', 'Subject', 'body_from_face', 'face_from_body', 'choose_subject', 'CropParams', 'crop_box',
-           'crop_subject', 'ImageReadError', 'CropResult', 'Cropper', 'default_cache_dir', 'crop_table', 'score_crops']
+__all__ = ['DETECTOR_FILES', 'DETECTOR_TASKS', 'MODEL_SUFFIXES', 'PACKAGED_DIR', 'YUNET_FILE', 'FALLBACKS', 'RULES',
+           'CACHE_VERSION', 'LEVELS', 'BOX_COLUMNS', 'configure_ultralytics', 'import_ultralytics', 'detector_path',
+           'box_area', 'box_intersection', 'box_iou', 'box_cover', 'as_detections', 'file_sha256', 'YOLODetector',
+           'face_detector', 'person_detector', 'BoxDetector', 'packaged_file', 'YuNetDetector', 'Subject',
+           'body_from_face', 'face_from_body', 'choose_subject', 'CropParams', 'crop_box', 'crop_subject',
+           'ImageReadError', 'CropResult', 'Cropper', 'crop_cache_dir', 'crop_table', 'score_crops']
 
 # %% ../nbs/04_crops.ipynb #b4bb1da2
 _OFFLINE_ENV = {'YOLO_OFFLINE': '1', 'YOLO_AUTOINSTALL': 'False'}
@@ -49,32 +50,14 @@ def import_ultralytics():
     return ultralytics
 
 # %% ../nbs/04_crops.ipynb #20960353
-SHARED_DATA_ENV = 'EMONB_SHARED_DATA'
 DETECTOR_FILES = {'face': 'detectors/yolov8n-face_int8.tflite', 'person': 'detectors/yolov8n_int8.tflite'}
 DETECTOR_TASKS = {'face': 'pose', 'person': 'detect'}
-
-def shared_data_dir(required: bool = False) -> Path | None:
-    "The shared data folder: `$EMONB_SHARED_DATA`, else `shared/data` beside the repository; None (or an error) if absent."
-    env = os.environ.get(SHARED_DATA_ENV)
-    if env:
-        p = Path(env).expanduser()
-        if p.is_dir(): return p.resolve()
-        if required: raise FileNotFoundError(f"{SHARED_DATA_ENV}={env} is not a folder")
-        return None
-    here = Path(__file__).resolve().parent if '__file__' in globals() else Path.cwd()
-    for base in (here.parent, Path.cwd(), Path.cwd().parent):
-        p = base.parent/'shared'/'data'
-        if p.is_dir(): return p.resolve()
-    if required:
-        raise FileNotFoundError(f"the shared data folder was not found: set {SHARED_DATA_ENV} to the folder that holds "
-                                f"detectors/ and images/ (by default emonb looks for ../shared/data beside the repository)")
-    return None
 
 # %% ../nbs/04_crops.ipynb #7c6a9d86
 def detector_path(kind: str) -> Path:
     "The path of the real `kind` ('face' or 'person') detector in the shared data folder (it may not exist)."
     if kind not in DETECTOR_FILES: raise ValueError(f"detector kind must be one of {list(DETECTOR_FILES)}, got {kind!r}")
-    root = shared_data_dir() or Path(os.environ.get(SHARED_DATA_ENV) or '../shared/data')
+    root = shared_data_dir() or Path(os.environ.get('EMONB_SHARED_DATA') or '../shared/data')
     return root/DETECTOR_FILES[kind]
 
 # %% ../nbs/04_crops.ipynb #1aac319c
@@ -125,7 +108,7 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
 def _missing_weights(path, what) -> FileNotFoundError:
     sd = shared_data_dir()
     where = (f"the shared data folder ({sd}) has the real ones in detectors/" if sd else
-             f"the real ones are in <shared data>/detectors/ (set {SHARED_DATA_ENV} to that folder)")
+             f"the real ones are in <shared data>/detectors/ (set EMONB_SHARED_DATA to that folder)")
     return FileNotFoundError(f"{what} weights not found: {path}. emonb never downloads weights: put the model file "
                              f"({', '.join(MODEL_SUFFIXES)}) at this path or pass the path of your own file; {where}")
 
@@ -573,9 +556,9 @@ class Cropper:
     def __repr__(self): return f"Cropper({self.face_detector!r}, {self.person_detector!r}, {self.params}, cache_dir={self.cache_dir})"
 
 # %% ../nbs/04_crops.ipynb #e143330e
-def default_cache_dir() -> Path:
-    "`$EMONB_CACHE_DIR/crops`, else `~/.cache/emonb/crops`."
-    return Path(os.environ.get('EMONB_CACHE_DIR') or Path.home()/'.cache'/'emonb').expanduser()/'crops'
+def crop_cache_dir() -> Path:
+    "Where crops are cached: `emonb.core.cache_dir('crops')` (`$EMONB_CACHE_DIR/crops`, else `$EMONB_HOME/crops`)."
+    return cache_dir('crops')
 
 # %% ../nbs/04_crops.ipynb #5c2a7c9e
 BOX_COLUMNS = tuple(f'{lv}_{c}' for lv in ('face', 'body') for c in ('x0', 'y0', 'x1', 'y1'))
@@ -604,7 +587,7 @@ def crop_table(table, out=None, *, face_detector=None, person_detector=None, cac
     if table['path'].isna().any():
         raise ValueError(f"the dataset table has empty paths in rows {table.index[table['path'].isna()].tolist()[:10]}")
     root = Path(root) if root is not None else (src.parent if src is not None else Path.cwd())
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else crop_cache_dir()
     if out is not None:
         out = Path(out).expanduser()
         if cache_dir.resolve() == out.resolve() or out.resolve() in cache_dir.resolve().parents:

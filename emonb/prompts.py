@@ -13,6 +13,7 @@ import os, re, json, math, time, hashlib, datetime, threading, contextlib
 import pandas as pd
 import emonb
 from .core import LabelSet, label_set, canonical_name, ADJECTIVES, LEVELS, atomic_write_json
+from .core import cache_dir
 
 # %% auto #0
 __all__ = ['PLACEHOLDERS', 'MLPER_QUESTIONS', 'MLPER_LEVEL_CODES', 'MLPER_TABLE1', 'MLPER_COMPOSITE', 'MLPER_EXAMPLE',
@@ -23,7 +24,7 @@ __all__ = ['PLACEHOLDERS', 'MLPER_QUESTIONS', 'MLPER_LEVEL_CODES', 'MLPER_TABLE1
            'PUBLISHED_MODELS', 'METHODS', 'LLM_METHODS', 'class_names', 'fill_template', 'mlper_question',
            'mlper_composite', 'dferclip_question', 'combine_descriptors', 'canonical_json', 'request_key',
            'PromptRequest', 'chat_request', 'parse_descriptors', 'PromptError', 'PromptCacheMiss', 'CorruptCacheEntry',
-           'PromptCacheBusy', 'LLMRequestError', 'default_cache_dir', 'validate_entry', 'read_entry', 'make_entry',
+           'PromptCacheBusy', 'LLMRequestError', 'prompt_cache_dir', 'validate_entry', 'read_entry', 'make_entry',
            'PromptCache', 'as_cache', 'template_set_request', 'published_entries', 'write_published', 'check_published',
            'LLMSettings', 'llm_settings', 'LLMClient', 'canned_answer', 'FakeChatServer', 'ask_all', 'ask',
            'method_name', 'PromptSet', 'llm_requests', 'mlper_prompts', 'dferclip_prompts', 'expclip_prompts',
@@ -327,13 +328,13 @@ class LLMRequestError(PromptError, RuntimeError):
     "An LLM endpoint failed to answer (error status, timeout, no connection, empty answer)."
 
 # %% ../nbs/03_prompts.ipynb #079b80c3
-def default_cache_dir() -> Path:
-    "EMONB_PROMPT_CACHE, else the repository's prompt_cache/ (editable install), else ~/.cache/emonb/prompt_cache."
+def prompt_cache_dir() -> Path:
+    "`$EMONB_PROMPT_CACHE`, else the repository's prompt_cache/ (editable install), else `emonb.core.cache_dir('prompt_cache')`."
     env = os.environ.get('EMONB_PROMPT_CACHE')
     if env: return Path(env).expanduser()
     repo = Path(emonb.__file__).resolve().parent.parent
     if (repo/'settings.ini').exists() and (repo/'prompt_cache').is_dir(): return repo/'prompt_cache'
-    return Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache')/'emonb'/'prompt_cache'
+    return cache_dir('prompt_cache')
 
 # %% ../nbs/03_prompts.ipynb #130b138b
 _ENTRY_FIELDS = {'schema': str, 'key': str, 'request': dict, 'answer': str, 'parsed': (list, dict), 'model': str,
@@ -387,7 +388,7 @@ def _same_file(fd: int, path: Path) -> bool:
 class PromptCache:
     "The prompt cache: JSON files in `folder`, backed by the published entries built into emonb."
     def __init__(self, folder=None, published: bool = True):
-        self.folder = Path(folder).expanduser() if folder is not None else default_cache_dir()
+        self.folder = Path(folder).expanduser() if folder is not None else prompt_cache_dir()
         self.published = published
     def __repr__(self): return f'PromptCache({str(self.folder)!r}, published={self.published})'
 

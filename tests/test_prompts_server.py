@@ -7,7 +7,7 @@ import json, os, socket, subprocess, sys, textwrap, threading, time
 from pathlib import Path
 import pytest
 from emonb.prompts import (FakeChatServer, PromptCache, LLMSettings, chat_request, mlper_question, dferclip_question,
-                           ask, ask_all, read_entry, published_entries, check_published, default_cache_dir, mlper_prompts,
+                           ask, ask_all, read_entry, published_entries, check_published, prompt_cache_dir, mlper_prompts,
                            dferclip_prompts, prompts_build, prompts_show, PromptCacheMiss, CorruptCacheEntry,
                            LLMRequestError, MLPER_EXAMPLE, DFERCLIP_DESCRIPTIONS, DEFAULT_PARAMS)
 
@@ -176,9 +176,9 @@ def test_repository_cache_holds_the_published_entries():
     assert {e['provenance']['source'] for e in PromptCache(folder).entries() if e['key'] in pub} == {'published'}
 
 def test_default_cache_folder(tmp_path, monkeypatch):
-    assert default_cache_dir() == ROOT/'prompt_cache'      # editable install from a clone
+    assert prompt_cache_dir() == ROOT/'prompt_cache'      # editable install from a clone
     monkeypatch.setenv('EMONB_PROMPT_CACHE', str(tmp_path/'c'))
-    assert default_cache_dir() == tmp_path/'c' and PromptCache().folder == tmp_path/'c'
+    assert prompt_cache_dir() == tmp_path/'c' and PromptCache().folder == tmp_path/'c'
 
 # --- the functions behind `emonb prompts build` / `emonb prompts show` ---------------------------------------------
 
