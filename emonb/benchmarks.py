@@ -12,22 +12,18 @@ import numpy as np, pandas as pd
 from .core import atomic_write_json
 
 # %% auto #0
-__all__ = ['RESULT_NAME', 'KINDS', 'TARGETS', 'repo_root', 'benchmark_dir', 'device_slug', 'result_name', 'parse_result_name',
+__all__ = ['RESULT_NAME', 'KINDS', 'TARGETS', 'benchmark_dir', 'device_slug', 'result_name', 'parse_result_name', 'latest_result',
            'result_device', 'result_tables', 'load_benchmarks', 'Target', 'check_targets', 'format_targets',
            'speedup_table', 'load_script', 'run_script']
 
 # %% ../nbs/21_benchmarks.ipynb #bdcd967d
 RESULT_NAME = re.compile(r'^(?P<script>[A-Za-z0-9_]+)-(?P<device>[A-Za-z0-9_]+)-(?P<date>\d{4}-\d{2}-\d{2})\.json$')
 
-def repo_root() -> Path:
-    "The source checkout emonb runs from (the folder above the package): its `benchmarks/` and `scripts/` live there."
-    import emonb
-    return Path(emonb.__file__).resolve().parent.parent
-
 # %% ../nbs/21_benchmarks.ipynb #60078c79
-def benchmark_dir(folder=None) -> Path:
-    "The folder of the result files: `folder`, or the checkout's `benchmarks/`."
-    p = Path(folder) if folder is not None else repo_root()/'benchmarks'
+def benchmark_dir(folder) -> Path:
+    "The folder of the result files (a source checkout's `benchmarks/`: the installed package ships none)."
+    if folder is None: raise ValueError("pass the folder of the result files (a checkout's benchmarks/); the installed package has none")
+    p = Path(folder)
     if not p.is_dir(): raise FileNotFoundError(f"no benchmark folder {p}: pass folder= (a folder of <script>-<device>-<date>.json files)")
     return p
 
@@ -50,6 +46,14 @@ def parse_result_name(name) -> dict:
     m = RESULT_NAME.match(Path(name).name)
     if m is None: raise ValueError(f"{name}: a benchmark result must be named <script>-<device>-<YYYY-MM-DD>.json")
     return m.groupdict()
+
+# %% ../nbs/21_benchmarks.ipynb #42ff2652
+def latest_result(script: str, folder) -> Path:
+    "The newest `<script>-<device>-<date>.json` in `folder` (by date)."
+    found = sorted(benchmark_dir(folder).glob(f'{script}-*-*.json'), key=lambda p: parse_result_name(p.name)['date'])
+    found = [p for p in found if parse_result_name(p.name)['script'] == script]
+    if not found: raise FileNotFoundError(f"no {script}-<device>-<date>.json in {folder}")
+    return found[-1]
 
 # %% ../nbs/21_benchmarks.ipynb #95bb2e72
 _METHODS = {'dferclip': 'DFER-CLIP', 'kefer': 'KEFER', 'mlper': 'MLPER'}
@@ -124,8 +128,8 @@ def result_tables(data: dict, file: str = '', device: str = None, date: str = No
     return out
 
 # %% ../nbs/21_benchmarks.ipynb #f5c78958
-def load_benchmarks(folder=None) -> dict:
-    "{'files': one row per result file, and per kind in `KINDS` a table of all files' rows} of the `*.json` files in `folder`."
+def load_benchmarks(folder) -> dict:
+    "{'files': one row per result file, and per kind in `KINDS` a table of all files' rows} of the `*.json` files in `folder` (a checkout's `benchmarks/`)."
     folder = benchmark_dir(folder)
     files, parts = [], {k: [] for k in KINDS}
     for p in sorted(folder.glob('*.json')):
@@ -239,9 +243,10 @@ def speedup_table(steps: pd.DataFrame, value: str = 'speedup_vs_fp32') -> pd.Dat
     return s.pivot_table(index=['device', 'method', 'model', 'bs'], columns='variant', values=value, aggfunc='first', sort=False)
 
 # %% ../nbs/21_benchmarks.ipynb #41fbc220
-def load_script(name: str, root=None):
-    "The module of `scripts/<name>.py` in the checkout (or under `root`)."
-    p = Path(root or repo_root()/'scripts')/f'{name}.py'
+def load_script(name: str, root) -> object:
+    "The module of `<root>/<name>.py` (`root`: a checkout's `scripts/`; the installed package ships no scripts)."
+    if root is None: raise ValueError("pass root= (a checkout's scripts/ folder); the installed package has no scripts")
+    p = Path(root)/f'{name}.py'
     if not p.is_file(): raise FileNotFoundError(f"no benchmark script {p} (the scripts are in the source checkout, not in the installed package)")
     spec = importlib.util.spec_from_file_location(f'emonb_script_{name}', p)
     mod = importlib.util.module_from_spec(spec)
@@ -250,9 +255,10 @@ def load_script(name: str, root=None):
     return mod
 
 # %% ../nbs/21_benchmarks.ipynb #a51ff47c
-def run_script(name: str, *args, threads: int = None, save: bool = False, folder=None, tag: str = '', root=None) -> dict:
-    "Run `scripts/<name>.py <args> --json TMP` in this process and return its result (`threads`: torch CPU threads meanwhile); `save`: also write `<name>[_tag]-<device>-<date>.json` into `folder`."
+def run_script(name: str, *args, root, threads: int = None, save: bool = False, folder=None, tag: str = '') -> dict:
+    "Run `<root>/<name>.py <args> --json TMP` in this process and return its result (`root`: a checkout's `scripts/`; `threads`: torch CPU threads meanwhile); `save`: also write `<name>[_tag]-<device>-<date>.json` into `folder`."
     import torch
+    if save and folder is None: raise ValueError("save=True needs folder= (a checkout's benchmarks/)")
     mod, before = load_script(name, root), torch.get_num_threads()
     try:
         if threads: torch.set_num_threads(threads)

@@ -18,7 +18,7 @@ def small():
 def test_kefer_learns_on_real_fer2013(small, tmp_path):
     """2,100 training faces, 15 epochs of a ResNet-18 from scratch (a few CPU minutes): WAR above the majority class, UAR well
     above chance. emonb's variant: from scratch at this budget the official variant (face-embedding head, all-pairs L_c)
-    learns less (measured: 29.1% WAR on these 1,000 faces, against 36.1% for emonb's; nbs/10_kefer.ipynb)."""
+    learns less (measured: 29.1% WAR on these 1,000 faces, against 36.1% for emonb's; nbs/experiments/kefer_experiments.ipynb)."""
     from emonb.kefer import train_kefer, kefer_config
     test = small[small.split == 'test']
     majority = test.label.value_counts(normalize=True).max()          # happiness, ~25%

@@ -7,6 +7,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CFG = configparser.ConfigParser(delimiters=['=']); CFG.read(ROOT/'settings.ini')
 S = CFG['DEFAULT']
 NBS = sorted(p for p in (ROOT/'nbs').glob('[0-9][0-9]*_*.ipynb') if re.match(r'\d\d[a-z]?_', p.name))
+EXPERIMENTS = sorted((ROOT/'nbs'/'experiments').glob('*.ipynb'))   # lab notebooks: run by nbdev_test (recursive), exported by none
 NBDEV_DIRECTIVES = {'export', 'exports', 'exporti', 'hide', 'default_exp', 'eval:', 'echo:', 'output:', 'exec_doc',
                     'code-fold:', 'include:', 'filter_stream', 'hide_line', 'collapse_output', 'export_to', 'python'}
 
@@ -58,12 +59,19 @@ def test_notebook_house_style(nb):
 def test_test_flags_declared():
     declared = set(S['tst_flags'].split())
     assert {'gpu', 'weights', 'llm', 'slow'} <= declared
-    for nb in NBS + [ROOT/'nbs'/'index.ipynb']:
+    for nb in NBS + EXPERIMENTS + [ROOT/'nbs'/'index.ipynb']:
         for c in cells(nb):
             if c['cell_type'] != 'code': continue
             for m in re.finditer(r'^#\|\s*([\w:-]+)\s*$', src(c), re.M):
                 d = m.group(1)
                 assert d in NBDEV_DIRECTIVES or d in declared, f"{nb.name}: flag `#| {d}` is not declared in tst_flags"
+
+def test_experiment_notebooks_export_nothing():
+    "nbs/experiments/ holds lab notebooks (sweeps, real-data runs): nothing in them is part of the package, and nbdev_test reaches them."
+    assert EXPERIMENTS and S['recursive'] == 'True'
+    for nb in EXPERIMENTS:
+        for c in cells(nb):
+            assert not re.match(r'#\|\s*(default_exp|export|exports)\b', src(c)), f"{nb.name}: experiment notebooks export nothing"
 
 def nb_number(nb) -> tuple:
     "(number, letter) of a notebook name like 05a_worldclip.ipynb, for ordering"
