@@ -10,7 +10,8 @@ import emonb
 from .core import table_schema   # light (numpy only): the command line starts without torch
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'METHODS', 'DataCheckFailed', 'build_parser', 'main']
+__all__ = ['USER_ERRORS', 'METHODS', 'run_quickstart', 'run_crops', 'run_train', 'DataCheckFailed', 'run_predict', 'run_eval',
+           'build_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #81462d54
 USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError,
@@ -69,12 +70,15 @@ def _add_quickstart(sub):
                         "'none', or a comma-separated list")
     p.add_argument('--overwrite', action='store_true', help='replace the contents of an existing output folder')
     p.add_argument('--no-progress', action='store_true', help="hide the classifier's progress bars and epoch table (step lines, method start/end and time-left lines still print)")
-    def run(a):
-        from emonb.quickstart import quickstart, COMPARED_METHODS
-        methods = COMPARED_METHODS if a.methods == 'all' else () if a.methods == 'none' else tuple(m.strip() for m in a.methods.split(',') if m.strip())
-        quickstart(out=a.out, seed=a.seed, n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, bs=a.bs, lr=a.lr,
-                   overwrite=a.overwrite, progress=not a.no_progress, methods=methods)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run_quickstart)
+
+# %% ../nbs/20_cli.ipynb #2bce48ac
+def run_quickstart(a):
+    "`emonb quickstart`: train the classifier and compare the methods."
+    from emonb.quickstart import quickstart, COMPARED_METHODS
+    methods = COMPARED_METHODS if a.methods == 'all' else () if a.methods == 'none' else tuple(m.strip() for m in a.methods.split(',') if m.strip())
+    quickstart(out=a.out, seed=a.seed, n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, bs=a.bs, lr=a.lr,
+               overwrite=a.overwrite, progress=not a.no_progress, methods=methods)
 
 # %% ../nbs/20_cli.ipynb #192251cc
 METHODS = ('mlper', 'dferclip', 'expclip', 'kefer', 'cocoer')
@@ -142,17 +146,20 @@ def _add_crops(sub):
                    help="an unreadable image stops the run (raise) or is listed with fallback 'unreadable' (report)")
     p.add_argument('--overwrite', action='store_true', help='replace the contents of an existing output folder')
     p.add_argument('--no-progress', action='store_true', help='hide the progress bar')
-    def run(a):
-        import json
-        from emonb.crops import crop_table
-        df, summary = crop_table(a.table, a.out, face_detector=a.face_model, person_detector=a.person_model,
-                                 cache_dir=a.cache_dir, root=a.root, batch_size=a.batch_size, device=a.device,
-                                 conf=a.conf, imgsz=a.imgsz, on_error=a.on_error, progress=not a.no_progress,
-                                 overwrite=a.overwrite, context=a.context, mask=a.mask, rule=a.rule,
-                                 max_side=a.max_side, fmt=a.format)
-        fb = ', '.join(f"{k} {v}" for k, v in summary['fallbacks'].items() if v)
-        print(f"{len(df)} image(s) cropped; fallbacks: {fb or 'none'}; written {a.out}/crops.csv and summary.json")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run_crops)
+
+# %% ../nbs/20_cli.ipynb #aa9cd929
+def run_crops(a):
+    "`emonb crops`: cut the crops of a dataset."
+    import json
+    from emonb.crops import crop_table
+    df, summary = crop_table(a.table, a.out, face_detector=a.face_model, person_detector=a.person_model,
+                             cache_dir=a.cache_dir, root=a.root, batch_size=a.batch_size, device=a.device,
+                             conf=a.conf, imgsz=a.imgsz, on_error=a.on_error, progress=not a.no_progress,
+                             overwrite=a.overwrite, context=a.context, mask=a.mask, rule=a.rule,
+                             max_side=a.max_side, fmt=a.format)
+    fb = ', '.join(f"{k} {v}" for k, v in summary['fallbacks'].items() if v)
+    print(f"{len(df)} image(s) cropped; fallbacks: {fb or 'none'}; written {a.out}/crops.csv and summary.json")
 
 # %% ../nbs/20_cli.ipynb #4707384c
 def _add_train(sub):
@@ -219,75 +226,79 @@ def _add_train(sub):
                                                           "random states: the result equals an uninterrupted run's); give the same options as the first time")
     p.add_argument('--overwrite', action='store_true', help='replace what emonb wrote in an existing output folder (a folder emonb did not create is never cleared)')
     p.add_argument('--no-progress', action='store_true', help='hide the progress bars and training log')
-    def run(a):
-        from emonb.train import train, read_training_table, load_clip, train_fer2013, check_table_files, cpu_threads
-        import torch
-        from emonb.core import resuming_runs
-        if a.resume and a.overwrite: raise ValueError("--resume continues the run in --out; --overwrite would replace it: give one of them")
-        if a.resume:
-            from emonb.core import output_manifest
-            if output_manifest(a.out) is None or not any(Path(a.out).rglob('checkpoints/last.pth')):
-                raise FileNotFoundError(f"nothing to resume in {a.out}: no emonb run there has finished an epoch; start it without --resume")
-        on_cpu = (a.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cpu'
-        threads = a.threads or (cpu_threads() if on_cpu else None)
-        if threads is not None:
-            torch.set_num_threads(threads)
-            if on_cpu and not a.no_progress: print(f"training on the CPU with {threads} thread(s)" + ('' if a.threads else ' (the cores not busy now; --threads N to choose)'))
-        if a.test_split is not None and a.dataset != 'fer2013': raise ValueError("--test-split is a fer2013 option")
-        if a.preset is not None or a.n_train is not None:
-            if a.dataset != 'fer2013' or a.method not in ('classifier', 'kefer'):
-                raise ValueError("--preset and --n-train are for --dataset fer2013 with the classifier or kefer")
-            from emonb.data import read_fer2013
-            df = read_fer2013(a.root, test_split=a.test_split or 'PublicTest', valid_pct=a.valid_pct, seed=a.seed or 0)
-            if a.on_bad_file == 'report': return _report_files(check_table_files, df, a)
-            df = check_table_files(df, a.on_bad_file, strict=a.strict, out=print)
-            with resuming_runs() if a.resume else contextlib.nullcontext():
-                _, met = train_fer2013(df, a.out, preset=a.preset or 'cpu', method=a.method, epochs=a.epochs, lr=a.lr, n_train=a.n_train,
-                                       max_steps=a.max_steps, device=a.device, overwrite=a.overwrite, progress=not a.no_progress)
-            print(f"{a.method} (fer2013 preset {a.preset or 'cpu'}) on fer2013: test WAR {met['war']:.2%}  UAR {met['uar']:.2%}  (n={met['n']}); "
-                  f"report in {a.out}/report; model bundle {a.out}/model.safetensors")
-            return
-        from emonb.core import is_main_process
-        m = a.method
-        kw = {}
-        if a.size is not None: kw['size'] = a.size
-        if a.n_frames is not None:
-            if m != 'dferclip': raise ValueError("--n-frames is a dferclip option")
-            kw['n_frames'] = a.n_frames
-        if a.num_workers is not None:
-            if m == 'expclip': raise ValueError("--num-workers is not an option of expclip (it reads cached embeddings)")
-            kw['num_workers'] = a.num_workers
-        if a.cache is not None:
-            if m not in ('dferclip', 'mlper', 'cocoer'): raise ValueError(f"--cache is an option of dferclip, mlper and cocoer, not {m}")
-            kw['cache'] = a.cache
-        if a.text_encoder is not None:
-            if m != 'kefer': raise ValueError("--text-encoder is a kefer option")
-            if a.text_encoder == 'clip': kw['text_encoder'] = 'clip'
-        clip = None
-        if a.backbone is not None:
-            if m not in ('classifier', 'kefer'): raise ValueError("--backbone is a classifier/kefer option (the other methods use --clip-model)")
-            if a.backbone != 'clip': kw['arch'] = a.backbone
-        wants_clip = m in ('expclip', 'dferclip', 'mlper', 'cocoer') or a.backbone == 'clip' or a.text_encoder == 'clip'
-        if wants_clip: clip = load_clip(a.clip_model, a.clip_weights, a.device or 'cpu', activation=a.clip_activation)
-        elif a.clip_model or a.clip_weights or a.clip_activation: raise ValueError(f"--clip-model/--clip-weights/--clip-activation: {m} uses a CLIP only with --backbone clip or --text-encoder clip")
-        if clip is not None and m in ('classifier', 'kefer') and a.backbone != 'clip': kw['visual_encoder'] = None
-        if a.teacher is not None and m != 'expclip': raise ValueError("--teacher is an expclip option")
-        if a.test_split is not None:
-            from emonb.data import read_fer2013
-            df = read_fer2013(a.root, test_split=a.test_split, valid_pct=a.valid_pct, seed=a.seed or 0)
-        else: df = read_training_table(a.dataset, a.root, labels=a.labels)
+    p.set_defaults(run=run_train)
+
+# %% ../nbs/20_cli.ipynb #ec7ecf56
+def run_train(a):
+    "`emonb train`: train a method."
+    from emonb.methods import method_spec
+    from emonb.train import train, read_training_table, load_clip, train_fer2013, check_table_files, cpu_threads
+    import torch
+    from emonb.core import resuming_runs
+    if a.resume and a.overwrite: raise ValueError("--resume continues the run in --out; --overwrite would replace it: give one of them")
+    if a.resume:
+        from emonb.core import output_manifest
+        if output_manifest(a.out) is None or not any(Path(a.out).rglob('checkpoints/last.pth')):
+            raise FileNotFoundError(f"nothing to resume in {a.out}: no emonb run there has finished an epoch; start it without --resume")
+    on_cpu = (a.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cpu'
+    threads = a.threads or (cpu_threads() if on_cpu else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+        if on_cpu and not a.no_progress: print(f"training on the CPU with {threads} thread(s)" + ('' if a.threads else ' (the cores not busy now; --threads N to choose)'))
+    if a.test_split is not None and a.dataset != 'fer2013': raise ValueError("--test-split is a fer2013 option")
+    if a.preset is not None or a.n_train is not None:
+        if a.dataset != 'fer2013' or a.method not in ('classifier', 'kefer'):
+            raise ValueError("--preset and --n-train are for --dataset fer2013 with the classifier or kefer")
+        from emonb.data import read_fer2013
+        df = read_fer2013(a.root, test_split=a.test_split or 'PublicTest', valid_pct=a.valid_pct, seed=a.seed or 0)
         if a.on_bad_file == 'report': return _report_files(check_table_files, df, a)
+        df = check_table_files(df, a.on_bad_file, strict=a.strict, out=print)
         with resuming_runs() if a.resume else contextlib.nullcontext():
-            _, met = train(m, df, a.out, clip=clip, epochs=a.epochs, bs=a.bs, lr=a.lr, seed=a.seed, device=a.device,
-                           valid_pct=a.valid_pct, overwrite=a.overwrite, progress=not a.no_progress, teacher=a.teacher, variant=a.variant,
-                           max_steps=a.max_steps, on_bad_file=a.on_bad_file, strict=a.strict, **kw)
-        if is_main_process():
-            r = met.get('run', {}); c = r.get('clip_checkpoint')
-            what = ', '.join(x for x in (f"variant {r['variant']}" if r.get('variant') else '',
-                                         f"CLIP {c['name']} ({c['activation']}) from {c['weights']}" if c else '') if x)
-            print(f"{m}{' (' + what + ')' if what else ''} on {a.dataset}: test WAR {met['war']:.2%}  UAR {met['uar']:.2%}  (n={met['n']}); report in {a.out}/report"
-                  + (f"; model bundle {met['bundle']}" if met.get('bundle') else ''))
-    p.set_defaults(run=run)
+            _, met = train_fer2013(df, a.out, preset=a.preset or 'cpu', method=a.method, epochs=a.epochs, lr=a.lr, n_train=a.n_train,
+                                   max_steps=a.max_steps, device=a.device, overwrite=a.overwrite, progress=not a.no_progress)
+        print(f"{a.method} (fer2013 preset {a.preset or 'cpu'}) on fer2013: test WAR {met['war']:.2%}  UAR {met['uar']:.2%}  (n={met['n']}); "
+              f"report in {a.out}/report; model bundle {a.out}/model.safetensors")
+        return
+    from emonb.core import is_main_process
+    m = a.method
+    kw = {}
+    if a.size is not None: kw['size'] = a.size
+    if a.n_frames is not None:
+        if m != 'dferclip': raise ValueError("--n-frames is a dferclip option")
+        kw['n_frames'] = a.n_frames
+    if a.num_workers is not None:
+        if m == 'expclip': raise ValueError("--num-workers is not an option of expclip (it reads cached embeddings)")
+        kw['num_workers'] = a.num_workers
+    if a.cache is not None:
+        if m not in ('dferclip', 'mlper', 'cocoer'): raise ValueError(f"--cache is an option of dferclip, mlper and cocoer, not {m}")
+        kw['cache'] = a.cache
+    if a.text_encoder is not None:
+        if m != 'kefer': raise ValueError("--text-encoder is a kefer option")
+        if a.text_encoder == 'clip': kw['text_encoder'] = 'clip'
+    clip = None
+    if a.backbone is not None:
+        if m not in ('classifier', 'kefer'): raise ValueError("--backbone is a classifier/kefer option (the other methods use --clip-model)")
+        if a.backbone != 'clip': kw['arch'] = a.backbone
+    wants_clip = method_spec(m).needs_clip or a.backbone == 'clip' or a.text_encoder == 'clip'
+    if wants_clip: clip = load_clip(a.clip_model, a.clip_weights, a.device or 'cpu', activation=a.clip_activation)
+    elif a.clip_model or a.clip_weights or a.clip_activation: raise ValueError(f"--clip-model/--clip-weights/--clip-activation: {m} uses a CLIP only with --backbone clip or --text-encoder clip")
+    if clip is not None and m in ('classifier', 'kefer') and a.backbone != 'clip': kw['visual_encoder'] = None
+    if a.teacher is not None and m != 'expclip': raise ValueError("--teacher is an expclip option")
+    if a.test_split is not None:
+        from emonb.data import read_fer2013
+        df = read_fer2013(a.root, test_split=a.test_split, valid_pct=a.valid_pct, seed=a.seed or 0)
+    else: df = read_training_table(a.dataset, a.root, labels=a.labels)
+    if a.on_bad_file == 'report': return _report_files(check_table_files, df, a)
+    with resuming_runs() if a.resume else contextlib.nullcontext():
+        _, met = train(m, df, a.out, clip=clip, epochs=a.epochs, bs=a.bs, lr=a.lr, seed=a.seed, device=a.device,
+                       valid_pct=a.valid_pct, overwrite=a.overwrite, progress=not a.no_progress, teacher=a.teacher, variant=a.variant,
+                       max_steps=a.max_steps, on_bad_file=a.on_bad_file, strict=a.strict, **kw)
+    if is_main_process():
+        r = met.get('run', {}); c = r.get('clip_checkpoint')
+        what = ', '.join(x for x in (f"variant {r['variant']}" if r.get('variant') else '',
+                                     f"CLIP {c['name']} ({c['activation']}) from {c['weights']}" if c else '') if x)
+        print(f"{m}{' (' + what + ')' if what else ''} on {a.dataset}: test WAR {met['war']:.2%}  UAR {met['uar']:.2%}  (n={met['n']}); report in {a.out}/report"
+              + (f"; model bundle {met['bundle']}" if met.get('bundle') else ''))
 
 # %% ../nbs/20_cli.ipynb #d708edc7
 def _report_files(check, df, a):
@@ -331,20 +342,23 @@ def _add_predict(sub):
     p.add_argument('--stride', type=_positive_int, default=None, help='video bundles: frames between windows (default: the window)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing output CSV')
     p.add_argument('--no-progress', action='store_true', help='hide the progress bar')
-    def run(a):
-        from emonb.predict import predict
-        detector = None if a.detector == 'whole' else a.detector
-        df = predict(a.src if len(a.src) > 1 else a.src[0], method=a.method, weights=a.weights, labels=a.labels, detector=detector,
-                     device=a.device, batch_size=a.batch_size, progress=not a.no_progress, frame_step=a.frame_step,
-                     save_csv=a.out, no_face=a.no_face, on_error=a.on_error, clip_model=a.clip_model, prompts=a.prompts,
-                     overwrite=a.overwrite, person_detector=None if a.person_detector == 'none' else a.person_detector,
-                     clip_weights=a.clip_weights, window=a.window, stride=a.stride, clip_activation=a.clip_activation)
-        s = df.attrs.get('summary', {})
-        faces = int(df['status'].isin(['face', 'whole']).sum()) if 'status' in df else len(df)
-        print(f"{len(df)} row(s), {faces} face(s) classified by {s.get('method', '?')} "
-              f"with detector {s.get('detector', '?')} from {s.get('images', '?')} image(s) and {s.get('videos', '?')} video(s); "
-              f"written {a.out} and its summary {a.out.rsplit('.', 1)[0]}.json")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run_predict)
+
+# %% ../nbs/20_cli.ipynb #0b61978d
+def run_predict(a):
+    "`emonb predict`: predict the emotions of the faces in the sources."
+    from emonb.predict import predict
+    detector = None if a.detector == 'whole' else a.detector
+    df = predict(a.src if len(a.src) > 1 else a.src[0], method=a.method, weights=a.weights, labels=a.labels, detector=detector,
+                 device=a.device, batch_size=a.batch_size, progress=not a.no_progress, frame_step=a.frame_step,
+                 save_csv=a.out, no_face=a.no_face, on_error=a.on_error, clip_model=a.clip_model, prompts=a.prompts,
+                 overwrite=a.overwrite, person_detector=None if a.person_detector == 'none' else a.person_detector,
+                 clip_weights=a.clip_weights, window=a.window, stride=a.stride, clip_activation=a.clip_activation)
+    s = df.attrs.get('summary', {})
+    faces = int(df['status'].isin(['face', 'whole']).sum()) if 'status' in df else len(df)
+    print(f"{len(df)} row(s), {faces} face(s) classified by {s.get('method', '?')} "
+          f"with detector {s.get('detector', '?')} from {s.get('images', '?')} image(s) and {s.get('videos', '?')} video(s); "
+          f"written {a.out} and its summary {a.out.rsplit('.', 1)[0]}.json")
 
 # %% ../nbs/20_cli.ipynb #502a0256
 def _eval_options(p, zeroshot: bool):
@@ -375,26 +389,29 @@ def _eval_options(p, zeroshot: bool):
                    help="a dataset written by emonb.synth: add each sample's occlusion, yaw, roll, intensity, blur and noise for column subsets")
     p.add_argument('--overwrite', action='store_true', help='replace the contents of an existing report folder')
     p.add_argument('--no-progress', action='store_true', help='hide the progress bar')
-    def run(a):
-        from emonb.data import read_dataset
-        from emonb.predict import evaluate_dataset
-        from emonb.evaluate import parse_subset_option, synth_nuisance_columns
-        method = 'zeroshot' if zeroshot else a.method
-        subsets = dict(parse_subset_option(s) for s in a.subset) or None
-        df = read_dataset(a.dataset, a.root)
-        if a.synth_columns: df = synth_nuisance_columns(df)
-        m = evaluate_dataset(df, method, a.weights, a.split, a.out,
-                             None if a.detector == 'whole' else a.detector, a.device, a.batch_size, a.clip_model, a.prompts,
-                             progress=not a.no_progress, overwrite=a.overwrite, subsets=subsets, unknown=a.unknown_names,
-                             clip_activation=a.clip_activation, missing=a.missing)
-        dropped, sh = m['run']['dropped_model_classes'], m['run'].get('shared_classes')
-        print(f"{a.dataset} {a.split}: WAR {m['war']:.2%}  UAR {m['uar']:.2%}  (n={m['n']}, all test classes"
-              f"{'; model classes dropped: ' + ', '.join(dropped) if dropped else ''}); report in {a.out}")
-        if sh: print(f"  shared classes ({', '.join(sh['classes'])}): WAR {sh['war']:.2%}  UAR {sh['uar']:.2%}  (n={sh['n']}); "
-                     f"never predicted: {', '.join(m['run']['missing_test_classes'])}")
-        for name, r in (m.get('subsets') or {}).items():
-            if name != 'all': print(f"  {name}: WAR {r['war']:.2%}  UAR {r['uar']:.2%}  (n={r['n']})" if r['n'] else f"  {name}: no images (n=0)")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run_eval, zeroshot=zeroshot)
+
+# %% ../nbs/20_cli.ipynb #7fd33c70
+def run_eval(a):
+    "`emonb eval / zeroshot`: evaluate a bundle or a CLIP on a dataset split."
+    from emonb.data import read_dataset
+    from emonb.predict import evaluate_dataset
+    from emonb.evaluate import parse_subset_option, synth_nuisance_columns
+    method = 'zeroshot' if a.zeroshot else a.method
+    subsets = dict(parse_subset_option(s) for s in a.subset) or None
+    df = read_dataset(a.dataset, a.root)
+    if a.synth_columns: df = synth_nuisance_columns(df)
+    m = evaluate_dataset(df, method, a.weights, a.split, a.out,
+                         None if a.detector == 'whole' else a.detector, a.device, a.batch_size, a.clip_model, a.prompts,
+                         progress=not a.no_progress, overwrite=a.overwrite, subsets=subsets, unknown=a.unknown_names,
+                         clip_activation=a.clip_activation, missing=a.missing)
+    dropped, sh = m['run']['dropped_model_classes'], m['run'].get('shared_classes')
+    print(f"{a.dataset} {a.split}: WAR {m['war']:.2%}  UAR {m['uar']:.2%}  (n={m['n']}, all test classes"
+          f"{'; model classes dropped: ' + ', '.join(dropped) if dropped else ''}); report in {a.out}")
+    if sh: print(f"  shared classes ({', '.join(sh['classes'])}): WAR {sh['war']:.2%}  UAR {sh['uar']:.2%}  (n={sh['n']}); "
+                 f"never predicted: {', '.join(m['run']['missing_test_classes'])}")
+    for name, r in (m.get('subsets') or {}).items():
+        if name != 'all': print(f"  {name}: WAR {r['war']:.2%}  UAR {r['uar']:.2%}  (n={r['n']})" if r['n'] else f"  {name}: no images (n=0)")
 
 # %% ../nbs/20_cli.ipynb #3ac85b0e
 def _add_eval(sub):

@@ -34,10 +34,13 @@ __all__ = ['LEVEL_NAMES', 'LEVEL_LOSSES', 'COORDINATIONS', 'POSITION_SAMPLING', 
            'COCOER_RECIPES', 'COCOER_BATCH_SIZE', 'COCOER_NORMALIZE', 'CocoerOutput', 'dynamic_weights',
            'level_loss_grad', 'workspace_gram', 'workspace', 'per_sample_workspace', 'LevelBackbone', 'roi_points',
            'code_bilinear', 'GridPositions', 'CrossLevelBlock', 'LevelMapping', 'VocabularyInformed', 'cocoer_options',
-           'CocoER', 'random_batch', 'SingleLevelModel', 'CocoerLoss', 'CocoerLogits', 'FlipLevels', 'LevelBoxes',
-           'WindowCrop', 'cocoer_dataloaders', 'world_table', 'cocoer_config', 'cocoer_outputs', 'elimination_report',
+           'CocoER', 'random_batch', 'SingleLevelModel', 'CocoerLoss', 'FlipLevels', 'LevelBoxes', 'WindowCrop',
+           'cocoer_dataloaders', 'world_table', 'cocoer_config', 'cocoer_outputs', 'elimination_report',
            'conflict_breakdown', 'dls_normalization', 'train_cocoer', 'build_cocoer', 'cocoer_from_run',
            'cocoer_recipe', 'fit_cocoer', 'benchmark_cocoer_step']
+
+# %% ../nbs/14_cocoer.ipynb #a5d255b3
+from .learner import ClassScores, class_probabilities, batch_inputs
 
 # %% ../nbs/14_cocoer.ipynb #87289130
 LEVEL_NAMES = ('head', 'body', 'context')          # the workspace's levels, in this order (index 0, 1, 2)
@@ -564,13 +567,6 @@ class CocoerLoss(nn.Module):
         self.last = {**{k: v.item() for k, v in terms.items()}, 'regulariser': reg.item()}
         return loss
 
-# %% ../nbs/14_cocoer.ipynb #42cc23b9
-class CocoerLogits(Callback):
-    "After the loss, replace the model's dict of outputs by the global logits, so fastai's metrics and get_preds see class scores."
-    order = 50
-    def after_loss(self):
-        if isinstance(self.learn.pred, dict): self.learn.pred = self.learn.pred['logits']
-
 # %% ../nbs/14_cocoer.ipynb #e9a6fc18
 class FlipLevels(Callback):
     "Training augmentation: mirror a random fraction `p` of the samples — face, body and context crops and their boxes together."
@@ -751,7 +747,7 @@ def train_cocoer(df: pd.DataFrame, out, clip: ClipEncoder = None, labels=None, m
     set_seed(config.seed)   # the initial weights follow the seed
     if model == 'cocoer':
         net = CocoER(clip, labels, multi_label, class_weights=cw, variant=variant, **model_kw)
-        loss, cbs = CocoerLoss(multi_label, cw, betas, alpha, level_target, variant), [CocoerLogits()]
+        loss, cbs = CocoerLoss(multi_label, cw, betas, alpha, level_target, variant), [ClassScores()]
         if loss.level_target == 'workspace' and net.detach_workspace:
             # the official code: the level terms are numbers, so the level prediction layers never get a gradient and keep their
             # initial weights; frozen, they say so (and data-parallel training does not wait for their gradients)
@@ -840,6 +836,12 @@ def cam_layer(self: CocoER) -> nn.Module:
     raise ValueError("CocoER has one backbone per level: use cam_levels(model) or grad_cam(..., levels='head'|'body'|'context')")
 @patch
 def cam_levels(self: CocoER, inputs=None) -> dict: return {l: CamLevel(default_layer(self.backbones[l]), i) for i, l in enumerate(LEVEL_NAMES)}
+@patch
+def class_scores(self: CocoER, out):
+    "The global logits of the dict the forward returns (for `emonb.learner.ClassScores`)."
+    return out['logits'] if isinstance(out, dict) else out
+@patch
+def class_scores(self: SingleLevelModel, out): return out['logits'] if isinstance(out, dict) else out
 
 # %% ../nbs/14_cocoer.ipynb #392a9f75
 def benchmark_cocoer_step(model: CocoER, loss_func, batch: tuple, steps: int = 10, warmup: int = 3, precision: str = 'fp32') -> float:

@@ -33,10 +33,12 @@ from .evaluate import write_report
 # %% auto #0
 __all__ = ['KEFER_OFFICIAL_TEMPLATE', 'KEFER_OFFICIAL_AUGMENT', 'KEFER_VARIANTS', 'KEFER_BATCH_SIZE', 'KEFER_LR_STEPS',
            'kefer_variant', 'kefer_texts', 'clip_temperature', 'text_prototypes', 'ClipImageTower', 'KeferModel',
-           'KeferLogits', 'Float32Loss', 'kefer_config', 'kefer_official_lr', 'EpochwiseLR', 'lr_step_callbacks',
-           'PadRandomCrop', 'TorchFlip', 'erasing_box', 'ZeroErasing', 'kefer_official_transforms', 'kefer_dataloaders',
-           'predict_scores', 'train_kefer', 'train_classifier', 'build_kefer', 'kefer_from_run', 'fit_face_method',
-           'kefer_recipe', 'fer2013_subset']
+           'Float32Loss', 'kefer_config', 'kefer_official_lr', 'EpochwiseLR', 'lr_step_callbacks', 'PadRandomCrop',
+           'TorchFlip', 'erasing_box', 'ZeroErasing', 'kefer_official_transforms', 'kefer_dataloaders', 'train_kefer',
+           'train_classifier', 'build_kefer', 'kefer_from_run', 'fit_face_method', 'kefer_recipe', 'fer2013_subset']
+
+# %% ../nbs/10_kefer.ipynb #5f72ceaa
+from .learner import ClassScores, class_probabilities, batch_inputs
 
 # %% ../nbs/10_kefer.ipynb #a286072b
 KEFER_OFFICIAL_TEMPLATE = 'a photo of a person making a [CLS] facial expression.'   # models/backbone_raf.py ('an' before a vowel)
@@ -133,15 +135,6 @@ class KeferModel(nn.Module):
     def predict(self, x) -> torch.Tensor:
         "Class logits of images `x`; F_n is not used at test time."
         return self.logits(self.features(x))
-
-# %% ../nbs/10_kefer.ipynb #77b7ee2d
-class KeferLogits(Callback):
-    "After the loss, replace the model's (v, n) by cosine logits, so fastai's metrics and get_preds see class scores."
-    order = 50
-    def after_loss(self):
-        p = self.learn.pred
-        if isinstance(p, (tuple, list)):
-            self.learn.pred = getattr(self.learn.model, 'module', self.learn.model).logits(p[0])
 
 # %% ../nbs/10_kefer.ipynb #6962684a
 class Float32Loss(nn.Module):
@@ -272,22 +265,6 @@ def kefer_dataloaders(df: pd.DataFrame, size: int = 112, bs: int = KEFER_BATCH_S
                       splitter=ColSplitter('is_valid'), item_tfms=item_tfms, batch_tfms=batch_tfms)
     return block.dataloaders(tv, bs=bs, num_workers=num_workers, **kw)
 
-# %% ../nbs/10_kefer.ipynb #78b95502
-def predict_scores(model: nn.Module, dl, hflip: bool = False, precision: str = 'auto') -> tuple:
-    "(class probabilities (n, K), targets (n,)) of `model` (its `predict`, else its forward) over a labelled DataLoader."
-    model.eval()
-    score = model.predict if hasattr(model, 'predict') else model
-    dev = next(model.parameters()).device
-    bf16 = precision == 'bf16' or (precision == 'auto' and dev.type == 'cuda')
-    probs, targets = [], []
-    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-        for xb, yb in dl:
-            xb = xb.to(dev)
-            p = score(xb).float().softmax(-1)
-            if hflip: p = (p + score(xb.flip(-1)).float().softmax(-1)) / 2
-            probs.append(p.cpu()); targets.append(yb.cpu())
-    return torch.cat(probs), torch.cat(targets)
-
 # %% ../nbs/10_kefer.ipynb #3f85f74e
 def _check_run(df, config, select):
     if select not in ('best', 'last'): raise ValueError(f"select must be 'best' (best validation epoch) or 'last', got {select!r}")
@@ -314,7 +291,7 @@ def _fit_and_report(df, out, model, loss_func, method: str, labels: LabelSet, si
     train_seconds = time.time() - t0
     best = load_best(learn) if select == 'best' else None
     test = df[df.split == 'test'].reset_index(drop=True)
-    probs, targets = predict_scores(learn.model, split_dataloader(dls, df, 'test'), hflip=hflip_tta, precision=config.precision)
+    probs, targets = class_probabilities(learn.model, split_dataloader(dls, df, 'test'), hflip=hflip_tta, precision=config.precision)
     counts = df.split.value_counts()
     info = dict(method=method, n_train=int(counts.get('train', 0)), n_val=int(counts.get('val', 0)), n_test=len(test),
                 size=size, bs=bs, augment=augment, normalize=normalize, config=asdict(config), select=select,
@@ -376,7 +353,7 @@ def train_kefer(df: pd.DataFrame, out, labels=None, text_encoder=None, prototype
                 stem=stem, encoder_kw=encoder_kw or {}, lr_steps=lr_steps, warmup_lr=warmup_lr if lr_steps == 'epoch' else None)
     info.update(run or {})
     return _fit_and_report(df, out, model, Float32Loss(kl), 'kefer', labels, size, bs, config, augment, normalize, select, hflip_tta,
-                           num_workers, progress, info, dls=dls, cbs=[KeferLogits(), *lr_cbs], keep_epochs=keep_epochs, device=device)
+                           num_workers, progress, info, dls=dls, cbs=[ClassScores(), *lr_cbs], keep_epochs=keep_epochs, device=device)
 
 # %% ../nbs/10_kefer.ipynb #28e1e94d
 @records_outputs('out')
@@ -452,6 +429,10 @@ from .encoders import default_layer
 def cam_layer(self: KeferModel) -> nn.Module: return default_layer(self.visual)
 @patch
 def cam_layer(self: ClipImageTower) -> nn.Module: return default_layer(self.clip)
+@patch
+def class_scores(self: KeferModel, out):
+    "The cosine logits of the pair (v, n) the forward returns (for `emonb.learner.ClassScores`)."
+    return self.logits(out[0]) if isinstance(out, (tuple, list)) else out
 
 # %% ../nbs/10_kefer.ipynb #a595c9f3
 def fer2013_subset(fer: pd.DataFrame, per_class: int = 300, n_val: int = 500, n_test: int = 1000, seed: int = 0) -> pd.DataFrame:

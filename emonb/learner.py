@@ -22,7 +22,8 @@ from .core import atomic_write_bytes, atomic_write_json, is_main_process, resume
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'TrainConfig', 'lr_schedule', 'barrier', 'unwrap_model', 'EpochCheckpoint', 'resume',
            'load_best', 'NonFiniteLossError', 'checkpoint_dir', 'StopOnNonFinite', 'StepBudget', 'RunETA', 'uses_cuda',
-           'make_learner', 'fit', 'GlooDistributedDL', 'EmonbDistributedTrainer', 'distributed_ctx']
+           'make_learner', 'fit', 'GlooDistributedDL', 'EmonbDistributedTrainer', 'distributed_ctx', 'ClassScores',
+           'batch_inputs', 'class_probabilities']
 
 # %% ../nbs/08_learner.ipynb #8c160249
 OPTIMIZERS = {'sgd': torch.optim.SGD, 'adam': torch.optim.Adam, 'adamw': torch.optim.AdamW}
@@ -353,3 +354,39 @@ def distributed_ctx(learn: Learner, sync_bn: bool = None, **accelerator_kw):
     finally:
         learn.remove_cb(cb)
         if rank_distrib(): learn.add_cbs(progress)
+
+# %% ../nbs/08_learner.ipynb #bdbe3430
+class ClassScores(Callback):
+    "After the loss, replace the prediction by the network's `class_scores(pred)` (when it has one), so fastai's metrics and `get_preds` see class scores."
+    order = 50
+    def after_loss(self):
+        m = getattr(self.learn.model, 'module', self.learn.model)
+        if hasattr(m, 'class_scores'): self.learn.pred = m.class_scores(self.learn.pred)
+
+# %% ../nbs/08_learner.ipynb #1b210036
+def batch_inputs(dl):
+    "(inputs tuple, targets or None) of each batch of a fastai DataLoader (its `n_inp` inputs) or of a plain iterable of (x..., y)."
+    n_inp = getattr(dl, 'n_inp', None)
+    for b in dl:
+        b = tuple(b) if isinstance(b, (tuple, list)) else (b,)
+        k = n_inp if n_inp is not None else max(1, len(b) - 1)
+        yield b[:k], (b[k] if len(b) > k else None)
+
+# %% ../nbs/08_learner.ipynb #62b21075
+def class_probabilities(model: nn.Module, dl, hflip: bool = False, precision: str = 'auto', activation: str = 'softmax') -> tuple:
+    "(class probabilities (n, K), targets (n,) or None) of `model` — its `predict`, else its forward — over a DataLoader; `hflip` averages with the mirrored inputs; bf16 autocast on CUDA with `precision='auto'`."
+    if activation not in ('softmax', 'sigmoid'): raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    model.eval()
+    score = model.predict if hasattr(model, 'predict') else model
+    dev = next(model.parameters()).device
+    bf16 = precision == 'bf16' or (precision == 'auto' and dev.type == 'cuda')
+    act = (lambda z: z.float().softmax(-1)) if activation == 'softmax' else (lambda z: z.float().sigmoid())
+    probs, targets = [], []
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        for xb, yb in batch_inputs(dl):
+            xb = [torch.as_tensor(x).to(dev) for x in xb]
+            p = act(score(*xb))
+            if hflip: p = (p + act(score(*[x.flip(-1) for x in xb]))) / 2
+            probs.append(p.cpu())
+            if yb is not None: targets.append(torch.as_tensor(yb).cpu().as_subclass(torch.Tensor))
+    return torch.cat(probs), (torch.cat(targets) if targets else None)

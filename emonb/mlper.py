@@ -26,9 +26,12 @@ from .dferclip import feature_dataloaders, BestInMemory
 # %% auto #0
 __all__ = ['TOO_LONG', 'LAMBDA_MODES', 'NEGATIVES', 'MLPER_LR', 'MLPER_BATCH_SIZE', 'MLPER_EPOCHS', 'MLPER_SIZE',
            'RESIZE_METHODS', 'class_sentence', 'mlper_texts', 'too_long_texts', 'prompt_tokens', 'ModalCrossAttention',
-           'LevelWeights', 'MLPER', 'MLPERLoss', 'MLPERLogits', 'mlper_param_groups', 'mlper_splitter', 'mlper_config',
-           'caer_s_with_boxes', 'mlper_dataloaders', 'encode_levels', 'predict_scores', 'train_on_tokens',
-           'evaluate_mlper', 'train_mlper', 'build_mlper', 'mlper_from_run', 'fit_mlper']
+           'LevelWeights', 'MLPER', 'MLPERLoss', 'mlper_param_groups', 'mlper_splitter', 'mlper_config',
+           'caer_s_with_boxes', 'mlper_dataloaders', 'encode_levels', 'train_on_tokens', 'evaluate_mlper',
+           'train_mlper', 'build_mlper', 'mlper_from_run', 'fit_mlper']
+
+# %% ../nbs/13_mlper.ipynb #2d187e76
+from .learner import ClassScores, class_probabilities, batch_inputs
 
 # %% ../nbs/13_mlper.ipynb #9d863cda
 def _levels(levels, name: str = 'levels', allow_empty: bool = False) -> tuple:
@@ -280,13 +283,6 @@ class MLPERLoss:
                          **{f'lambda_{l}': w for l, w in zip(m.align_levels, m.level_weights.weights().tolist())})
         return l_cls + self.lam * l_itm
 
-# %% ../nbs/13_mlper.ipynb #707f96c5
-class MLPERLogits(Callback):
-    "After the loss, replace the model's (logits, tokens) by the logits, so fastai's metrics and get_preds see class scores."
-    order = 50
-    def after_loss(self):
-        if isinstance(self.learn.pred, (tuple, list)): self.learn.pred = self.learn.pred[0]
-
 # %% ../nbs/13_mlper.ipynb #200eeb88
 MLPER_LR, MLPER_BATCH_SIZE, MLPER_EPOCHS, MLPER_SIZE = 2e-5, 16, 60, 224
 
@@ -351,40 +347,19 @@ def mlper_dataloaders(df: pd.DataFrame, size: int = MLPER_SIZE, bs: int = MLPER_
     for f in found: f.method = resize
     return dls
 
-# %% ../nbs/13_mlper.ipynb #e8e5a76b
-def _batches(dl):
-    "(inputs, targets or None) of each batch of a fastai DataLoader (n_inp inputs) or a plain (x, y) loader."
-    n_inp = getattr(dl, 'n_inp', None)
-    for b in dl:
-        b = tuple(b) if isinstance(b, (tuple, list)) else (b,)
-        k = n_inp if n_inp is not None else max(1, len(b) - 1)
-        yield b[:k], (b[k] if len(b) > k else None)
-
 # %% ../nbs/13_mlper.ipynb #1d138178
 @torch.no_grad()
 def encode_levels(clip: ClipEncoder, dl) -> tuple:
     "(visual tokens (n, 3, 1+N, D) of the face, body and context crops, labels (n,) or None) of a DataLoader of crops, by the CLIP image encoder."
     clip.eval()
     toks, ys = [], []
-    for xb, yb in _batches(dl):
+    for xb, yb in batch_inputs(dl):
         if len(xb) != 3: raise ValueError(f"encode_levels needs batches of (face, body, context) crops, got {len(xb)} input(s)")
         B = xb[0].shape[0]
         _, t = clip.image_tokens(torch.stack(xb, 1).flatten(0, 1).to(clip.device))
         toks.append(t.view(B, 3, *t.shape[1:]).float().cpu().as_subclass(torch.Tensor))
         if yb is not None: ys.append(yb.cpu().as_subclass(torch.Tensor))
     return torch.cat(toks), (torch.cat(ys) if ys else None)
-
-# %% ../nbs/13_mlper.ipynb #a356b96d
-@torch.no_grad()
-def predict_scores(model: MLPER, dl) -> tuple:
-    "(class probabilities (n, K), targets (n,) or None) of `model` over a DataLoader of crops or of cached tokens."
-    model.eval()
-    dev = next(model.parameters()).device
-    probs, ys = [], []
-    for xb, yb in _batches(dl):
-        probs.append(model.predict(*[x.to(dev) for x in xb]).float().softmax(-1).cpu())
-        if yb is not None: ys.append(torch.as_tensor(yb).cpu().as_subclass(torch.Tensor))
-    return torch.cat(probs), (torch.cat(ys) if ys else None)
 
 # %% ../nbs/13_mlper.ipynb #f81f98d5
 def train_on_tokens(model: MLPER, train: tuple, valid: tuple, config: TrainConfig = None, lam: float = 1.,
@@ -395,7 +370,7 @@ def train_on_tokens(model: MLPER, train: tuple, valid: tuple, config: TrainConfi
     config = replace(_per_group(config or mlper_config(model), model), checkpoint=False)
     keep = BestInMemory(config.monitor)
     learn = make_learner(dls, model, MLPERLoss(model, lam), config, splitter=mlper_splitter,
-                         metrics=[war_metric(), uar_metric(model.n_classes)], cbs=[MLPERLogits(), keep], path=tempfile.gettempdir())
+                         metrics=[war_metric(), uar_metric(model.n_classes)], cbs=[ClassScores(), keep], path=tempfile.gettempdir())
     fit(learn, quiet=quiet)
     return learn, keep.restore()
 
@@ -410,7 +385,7 @@ def evaluate_mlper(learn, df: pd.DataFrame, split: str = 'test', folder=None, ru
     "Metrics of `learn.model` on the `split` rows of `df` (validation transforms of `learn.dls`); with `folder`, also a report folder."
     rows = df[df.split == split].reset_index(drop=True)
     if not len(rows): raise ValueError(f"the sample table has no {split!r} rows")
-    probs, targets = predict_scores(learn.model, learn.dls.test_dl(rows, with_labels=True))
+    probs, targets = class_probabilities(learn.model, learn.dls.test_dl(rows, with_labels=True), precision='fp32')
     names = learn.model.texts['names']
     if folder is None: return evaluate_predictions(targets.numpy(), probs.numpy(), names)
     return write_report(folder, targets.numpy(), probs.numpy(), names, items=list(rows.path), run=run, overwrite=overwrite)
@@ -441,7 +416,7 @@ def train_mlper(df: pd.DataFrame, clip: ClipEncoder, out, labels=None, prompts: 
     model = MLPER(clip, texts, levels=levels, align_levels=align_levels, **model_kw)
     config = replace(_per_group(config or mlper_config(model), model), keep_epochs=keep_epochs)
     learn = make_learner(dls, model, MLPERLoss(model, lam), config, splitter=mlper_splitter,
-                         metrics=[war_metric(), uar_metric(len(labels))], cbs=[MLPERLogits()], path=out)
+                         metrics=[war_metric(), uar_metric(len(labels))], cbs=[ClassScores()], path=out)
     t0 = time.time()
     fit(learn, config, quiet=quiet)
     seconds = time.time() - t0
@@ -502,3 +477,7 @@ def cam_levels(self: MLPER, inputs=None) -> dict:
     if stacked and inputs[0].ndim == 4: raise ValueError("Grad-CAM needs MLPER's crops, not cached tokens (B, 3, 1+N, D)")
     layer = self.cam_layer()
     return {l: CamLevel(layer, 0 if stacked else LEVELS.index(l), j, L, LEVELS.index(l) if stacked else None) for j, l in enumerate(self.levels)}
+@patch
+def class_scores(self: MLPER, out):
+    "The logits of the (logits, tokens) pair the forward returns (for `emonb.learner.ClassScores`)."
+    return out[0] if isinstance(out, (tuple, list)) else out

@@ -311,11 +311,29 @@ def _check_run_options(batch_size, frame_step, no_face, on_error, save_csv, over
     if save_csv is not None: check_output_csv(save_csv, overwrite)
 
 # %% ../nbs/16b_predict.ipynb #6535c008
-def predict(src, method='default', weights=None, labels=None, detector='face', device='auto', batch_size: int = 32,
-            progress: bool = True, frame_step: int = 1, save_csv=None, no_face: str = 'row', on_error: str = 'raise',
-            person_detector='person', clip_model: str | None = None, prompts='ensemble10', overwrite: bool = False,
-            face_margin: float | None = None, clip_weights=None, window: int | None = None, stride: int | None = None,
-            clip_activation: str | None = None) -> pd.DataFrame:
+def predict(
+    src, # an image file, a folder (searched recursively), a video file, a PIL image, an array, or a list of them
+    method='default', # 'default' (emonb's shipped FER2013 model), 'zeroshot' (a CLIP), 'bundle' or a registered method's name
+    weights=None, # a model bundle file, or the name of one in `EMONB_HOME/weights` (methods other than 'default'/'zeroshot')
+    labels=None, # the label set for 'zeroshot' (default 'basic7'); a bundle knows its own
+    detector='face', # 'face' (YuNet, shipped), 'yolo', a model file, an object with `detect`, or None / 'whole' (the image is the face)
+    device='auto', # 'auto' (CUDA when available), 'cpu', 'cuda', ...
+    batch_size: int = 32, # faces per forward pass
+    progress: bool = True, # show a progress bar
+    frame_step: int = 1, # read every `frame_step`-th frame of a video
+    save_csv=None, # also write the table (and its summary) to this CSV file
+    no_face: str = 'row', # a frame without a face: 'row' (a row saying so), 'skip', or 'whole' (classify the whole frame)
+    on_error: str = 'raise', # an unreadable file: 'raise', or 'report' (a row with the error)
+    person_detector='person', # multi-level methods: the person detector for the body crop ('person', a model file, or None)
+    clip_model: str | None = None, # 'zeroshot' with another CLIP: its open_clip name (and `weights`: a local file)
+    prompts='ensemble10', # 'zeroshot': a prompt set of `emonb.prompts.EXPCLIP_PROMPT_SETS`, a template, or a list of templates
+    overwrite: bool = False, # replace an existing `save_csv`
+    face_margin: float | None = None, # margin of the face crop (fraction of the box per side); default the bundle's
+    clip_weights=None, # a bundle that left its pretrained CLIP out: the local file of that CLIP
+    window: int | None = None, # video methods: frames per clip window (default the model's `n_frames`; one window per stream)
+    stride: int | None = None, # video methods: frames between window starts (default `window`)
+    clip_activation: str | None = None, # 'zeroshot' with `clip_model`: 'quickgelu' or 'gelu' (default: the file's)
+) -> pd.DataFrame: # one row per face per frame (per window for video methods), a probability column per class
     "Emotion probabilities of every face in `src` (image, folder, video, in-memory image or a list): one row per face per frame (per clip window for video methods)."
     _check_run_options(batch_size, frame_step, no_face, on_error, save_csv, overwrite)
     predictor = make_predictor(method, weights, labels, device, clip_model, prompts, clip_weights=clip_weights, clip_activation=clip_activation)

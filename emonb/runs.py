@@ -108,8 +108,17 @@ def run_arch(r: dict, sd: dict, labels: LabelSet, clip=None, clip_in_bundle: boo
     return method, arch, inp, output
 
 # %% ../nbs/16c_runs.ipynb #925128eb
-def bundle_from_run(run, path=None, checkpoint: str = 'auto', clip=None, clip_in_bundle: bool = True, overwrite: bool = False,
-                    dtype: torch.dtype | None = None, face_margin: float | None = None, **arch) -> Path:
+def bundle_from_run(
+    run, # the folder a trainer wrote (`report/metrics.json`, `models/checkpoints/`)
+    path=None, # the bundle file to write (default `<run>/model.safetensors`)
+    checkpoint: str = 'auto', # 'best', 'last', or 'auto' (the one the report was computed with)
+    clip=None, # the pretrained CLIP the run started from: a ClipEncoder, a `clip_source` dict or a local weights file
+    clip_in_bundle: bool = True, # False: leave out the CLIP tensors training did not change (loading then needs the file)
+    overwrite: bool = False, # replace an existing bundle file
+    dtype: torch.dtype | None = None, # store floating-point tensors in this dtype (e.g. torch.float16)
+    face_margin: float | None = None, # override the margin `predict` cuts face crops with
+    **arch # settings the run did not record, passed to the method's `from_run` (they override recorded ones)
+) -> Path: # the bundle file
     "A model bundle (default `<run>/model.safetensors`) of a train_kefer / train_classifier / train_mlper / train_cocoer / train_dferclip run folder; `face_margin` overrides the margin `predict` cuts face crops with."
     run = Path(run).expanduser()
     m = read_run(run); r = m.get('run') or {}

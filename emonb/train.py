@@ -221,10 +221,28 @@ def _trainable(method: str):
 
 # %% ../nbs/18_train.ipynb #6eb2b3e2
 @records_outputs('out')
-def train(method: str, df: pd.DataFrame, out, clip: ClipEncoder = None, epochs: int = None, bs: int = None, lr: float = None,
-          seed: int = None, config=None, device=None, valid_pct: float = 0.1, overwrite: bool = False, progress: bool = True,
-          teacher=None, bundle: bool = True, variant: str = None, max_steps: int = None, on_bad_file: str = None, strict: bool = False,
-          **kw) -> tuple:
+def train(
+    method: str, # a registered method that trains: 'kefer', 'classifier', 'expclip', 'dferclip', 'mlper', 'cocoer', or your own
+    df: pd.DataFrame, # the sample table (an emonb reader's, `read_table`'s or `read_training_table`'s)
+    out, # the run folder to write (report, checkpoints, bundle)
+    clip: ClipEncoder = None, # the CLIP of the CLIP-based methods (default: the synthetic world's CLIP)
+    epochs: int = None, # override the recipe's epochs
+    bs: int = None, # batch size (default: the paper's)
+    lr: float = None, # override the recipe's learning rate (where it has one)
+    seed: int = None, # override the recipe's seed
+    config=None, # a `TrainConfig` that replaces the recipe entirely
+    device=None, # default CUDA when available
+    valid_pct: float = 0.1, # the share of the training rows held out for selection when the table has no 'val' rows
+    overwrite: bool = False, # replace an existing run folder written by emonb
+    progress: bool = True, # show progress bars
+    teacher=None, # Exp-CLIP: a `Teacher`, or the folder of local BLIP-2 (Flan-T5) weights
+    bundle: bool = True, # write `out/model.safetensors` for `emonb.predict`
+    variant: str = None, # 'official', 'paper' or 'emonb' (default: the method's first; 'emonb' for KEFER from scratch)
+    max_steps: int = None, # end after this many optimiser steps, the schedule compressed to them
+    on_bad_file: str = None, # check every file first: 'raise' naming every bad file, or 'skip' them
+    strict: bool = False, # a class missing from a split is an error too
+    **kw # the method trainer's own options (e.g. KEFER's `text_encoder`, CocoER's `model`)
+) -> tuple: # (learner, or Exp-CLIP's fit info; the test metrics)
     "Train `method` on the sample table `df` with its recipe — the `variant` (default: 'official' where the method has official code, else 'paper') and these overrides; test once; write `out` (and `out/model.safetensors` for `emonb.predict`). `max_steps` ends training after that many optimiser steps, the schedule compressed to them. `on_bad_file` ('raise' or 'skip') first checks every file (`check_table_files`; `strict`: a class missing from a split is an error too). Returns (learner or info, test metrics)."
     spec = _trainable(method)
     variant = check_variant(variant or default_variant(method, clip, **kw), method, spec.variants)

@@ -8,8 +8,9 @@ from torch import nn
 from emonb.core import LEVELS, label_set
 from emonb.encoders import ClipEncoder
 from emonb.prompts import mlper_prompts
+from emonb.learner import class_probabilities
 from emonb.mlper import (MLPER, MLPERLoss, LevelWeights, ModalCrossAttention, mlper_texts, class_sentence, prompt_tokens,
-                         too_long_texts, mlper_param_groups, mlper_splitter, mlper_config, train_on_tokens, predict_scores,
+                         too_long_texts, mlper_param_groups, mlper_splitter, mlper_config, train_on_tokens,
                          caer_s_with_boxes, train_mlper, evaluate_mlper)
 
 warnings.filterwarnings('ignore', message='.*longer than the CLIP.*')
@@ -162,7 +163,7 @@ def test_learns_what_only_the_context_shows(texts):
     for lv in (LEVELS, ('face',)):
         m = MLPER(clip, mlper_texts('caer_s', lv), levels=lv, train_image=False)
         train_on_tokens(m, train, valid, mlper_config(m, epochs=8, lr=0.05))
-        p, t = predict_scores(m, [test])
+        p, t = class_probabilities(m, [test])
         acc[lv] = (p.argmax(1) == t).float().mean().item()
     assert acc[LEVELS] > 0.9 and acc[('face',)] < 0.3, acc
 
