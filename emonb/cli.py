@@ -377,7 +377,8 @@ def _eval_options(p, zeroshot: bool):
     p.add_argument('--no-progress', action='store_true', help='hide the progress bar')
     def run(a):
         from emonb.predict import read_dataset, evaluate_dataset
-        from emonb.evaluate import parse_subset_option, synth_nuisance_columns
+        from emonb.evaluate import parse_subset_option
+        from emonb.synth import synth_nuisance_columns
         method = 'zeroshot' if zeroshot else a.method
         subsets = dict(parse_subset_option(s) for s in a.subset) or None
         df = read_dataset(a.dataset, a.root)

@@ -14,7 +14,6 @@ from torch import nn
 import torch.nn.functional as F
 from fastai.callback.core import Callback
 from .core import label_set, war_metric, uar_metric, prepare_output_dir, check_variant, records_outputs
-from .synth import SyntheticWorld
 from .data import clip_dataloaders, split_dataloader, split_validation, ClipToFloat, NORMALIZATION_PRESETS, CLIP_AUGMENTATIONS
 from .cache import build_clip_cache, cached_clip_dataloaders
 from .prompts import dferclip_prompts
@@ -26,7 +25,7 @@ from .evaluate import write_report, evaluate_predictions
 # %% auto #0
 __all__ = ['PROMPT_KINDS', 'DFERCLIP_TEMPORAL', 'DFERCLIP_LRS', 'DFERCLIP_BATCH_SIZE', 'DFERCLIP_SELECTION', 'DFERCLIP_INPUTS',
            'dferclip_texts', 'DFERCLIP', 'dferclip_param_groups', 'dferclip_splitter', 'dferclip_config',
-           'dferclip_augment', 'train_dferclip', 'world_clips', 'encode_frames', 'feature_dataloaders', 'BestInMemory',
+           'dferclip_augment', 'train_dferclip', 'encode_frames', 'feature_dataloaders', 'BestInMemory',
            'train_on_features']
 
 # %% ../nbs/11_dferclip.ipynb #22e1a8fa
@@ -189,15 +188,6 @@ def train_dferclip(df: pd.DataFrame, clip: ClipEncoder, folder, labels=None, tex
                n_train=int((df.split == 'train').sum()), n_val=int((df.split == 'val').sum()), n_test=len(test))
     metrics = write_report(Path(folder)/'report', targets.numpy(), scores.float().numpy(), labels, items=list(test.path), run=run)
     return learn, metrics
-
-# %% ../nbs/11_dferclip.ipynb #c3c4ca89
-def world_clips(world: SyntheticWorld, n: int, split: str = 'train', n_frames: int = 8, apex_frames: int = None,
-                size: int = 64, labels='dfew', start: int = 0) -> tuple:
-    "(uint8 clips (n, T, size, size, 3), label indices in `labels`) of scenes start..start+n-1 of `split`, rendered with `apex_frames` frames at the apex."
-    ls = label_set(labels)
-    scenes = world.scenes(n, split, start)
-    clips = np.stack([np.stack([np.asarray(f.convert('RGB')) for f in world.render_clip(s, n_frames, apex_frames, size=size)]) for s in scenes])
-    return clips, np.array([ls.index(s.label) for s in scenes])
 
 # %% ../nbs/11_dferclip.ipynb #9c258133
 @torch.no_grad()

@@ -20,7 +20,8 @@ from .kefer import train_kefer, train_classifier, kefer_config, KEFER_BATCH_SIZE
 from .dferclip import train_dferclip, dferclip_config, DFERCLIP_BATCH_SIZE, DFERCLIP_LRS
 from .expclip import fit_expclip, evaluate_expclip, load_projection, BLIP2FlanT5Teacher, Teacher, expclip_config
 from .mlper import train_mlper, mlper_config, MLPER_BATCH_SIZE
-from .cocoer import train_cocoer, cocoer_config, world_table, COCOER_BATCH_SIZE
+from .cocoer import train_cocoer, cocoer_config, COCOER_BATCH_SIZE
+from .synth import world_table
 from .predict import DATASET_READERS, VIDEO_EXTS, bundle_from_run, video_frames_readable
 
 # %% auto #0
