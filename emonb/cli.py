@@ -396,7 +396,8 @@ def run_eval(a):
     "`emonb eval / zeroshot`: evaluate a bundle or a CLIP on a dataset split."
     from emonb.data import read_dataset
     from emonb.predict import evaluate_dataset
-    from emonb.evaluate import parse_subset_option, synth_nuisance_columns
+    from emonb.evaluate import parse_subset_option
+    from emonb.synth import synth_nuisance_columns
     method = 'zeroshot' if a.zeroshot else a.method
     subsets = dict(parse_subset_option(s) for s in a.subset) or None
     df = read_dataset(a.dataset, a.root)

@@ -35,9 +35,9 @@ __all__ = ['LEVEL_NAMES', 'LEVEL_LOSSES', 'COORDINATIONS', 'POSITION_SAMPLING', 
            'level_loss_grad', 'workspace_gram', 'workspace', 'per_sample_workspace', 'LevelBackbone', 'roi_points',
            'code_bilinear', 'GridPositions', 'CrossLevelBlock', 'LevelMapping', 'VocabularyInformed', 'cocoer_options',
            'CocoER', 'random_batch', 'SingleLevelModel', 'CocoerLoss', 'FlipLevels', 'LevelBoxes', 'WindowCrop',
-           'cocoer_dataloaders', 'world_table', 'cocoer_config', 'cocoer_outputs', 'elimination_report',
-           'conflict_breakdown', 'dls_normalization', 'train_cocoer', 'build_cocoer', 'cocoer_from_run',
-           'cocoer_recipe', 'fit_cocoer', 'benchmark_cocoer_step']
+           'cocoer_dataloaders', 'cocoer_config', 'cocoer_outputs', 'elimination_report', 'conflict_breakdown',
+           'dls_normalization', 'train_cocoer', 'build_cocoer', 'cocoer_from_run', 'cocoer_recipe', 'fit_cocoer',
+           'benchmark_cocoer_step']
 
 # %% ../nbs/14_cocoer.ipynb #a5d255b3
 from .learner import ClassScores, class_probabilities, batch_inputs
@@ -610,23 +610,6 @@ def cocoer_dataloaders(df: pd.DataFrame, size=224, bs: int = 64, labels=None, mu
     block = DataBlock(blocks=crops + (TransformBlock(type_tfms=LevelBoxes()), yb), n_inp=4, get_y=get_y, splitter=ColSplitter('is_valid'),
                       batch_tfms=normalization(normalize))
     return block.dataloaders(tv, bs=bs, num_workers=num_workers, **kw)
-
-# %% ../nbs/14_cocoer.ipynb #28aeb7fc
-def world_table(root, layout: str = None) -> pd.DataFrame:
-    "The sample table of a CAER-S or EMOTIC dataset written by `emonb.synth.write_dataset`, with the world's face/body boxes and each sample's `conflict_level` ('' if none)."
-    root = Path(root)
-    man_f, info_f = root/'emonb_synth.csv', root/'emonb_synth.json'
-    if not man_f.is_file(): raise FileNotFoundError(f"{man_f} not found: {root} was not written by emonb.synth.write_dataset")
-    layout = layout or json.loads(info_f.read_text())['layout']
-    readers = {'caer_s': read_caer_s, 'emotic': read_emotic}
-    if layout not in readers: raise ValueError(f"CocoER's datasets are {list(readers)}, not {layout!r}")
-    df = readers[layout](root)
-    man = pd.read_csv(man_f, keep_default_na=False)
-    out = join_boxes(df, man, root=root)
-    extra = man[['path', 'conflict_level', 'face_emotion', 'body_emotion', 'context_emotion']].assign(path=[str(root/p) for p in man.path])
-    out = out.merge(extra, on='path', how='left')
-    out.attrs = dict(df.attrs)
-    return out
 
 # %% ../nbs/14_cocoer.ipynb #4b93ebb0
 COCOER_RECIPES = {

@@ -14,7 +14,6 @@ from torch import nn
 import torch.nn.functional as F
 from fastai.callback.core import Callback
 from .core import label_set, war_metric, uar_metric, prepare_output_dir, check_variant, records_outputs
-from .synth import SyntheticWorld
 from .data import clip_dataloaders, split_dataloader, split_validation, ClipToFloat, NORMALIZATION_PRESETS, CLIP_AUGMENTATIONS
 from .cache import build_clip_cache, cached_clip_dataloaders
 from .prompts import dferclip_prompts
@@ -27,7 +26,7 @@ from .evaluate import write_report, evaluate_predictions
 __all__ = ['PROMPT_KINDS', 'DFERCLIP_TEMPORAL', 'DFERCLIP_LRS', 'DFERCLIP_BATCH_SIZE', 'DFERCLIP_SELECTION', 'DFERCLIP_INPUTS',
            'dferclip_texts', 'DFERCLIP', 'dferclip_param_groups', 'dferclip_splitter', 'dferclip_config',
            'dferclip_augment', 'train_dferclip', 'build_dferclip', 'dferclip_after_load', 'dferclip_from_run',
-           'dferclip_recipe', 'fit_dferclip', 'world_clips', 'encode_frames', 'feature_dataloaders', 'BestInMemory',
+           'dferclip_recipe', 'fit_dferclip', 'encode_frames', 'feature_dataloaders', 'BestInMemory',
            'train_on_features']
 
 # %% ../nbs/11_dferclip.ipynb #22e1a8fa
@@ -247,15 +246,6 @@ def cam_levels(self: DFERCLIP, inputs=None) -> dict:
     if inputs[0].ndim != 5: raise ValueError(f"Grad-CAM needs DFER-CLIP's clips (B, T, C, H, W), not frame features of shape {tuple(inputs[0].shape)}")
     T, layer = inputs[0].shape[1], self.cam_layer()
     return {f'frame {t}': CamLevel(layer, 0, t, T, t) for t in range(T)}
-
-# %% ../nbs/11_dferclip.ipynb #c3c4ca89
-def world_clips(world: SyntheticWorld, n: int, split: str = 'train', n_frames: int = 8, apex_frames: int = None,
-                size: int = 64, labels='dfew', start: int = 0) -> tuple:
-    "(uint8 clips (n, T, size, size, 3), label indices in `labels`) of scenes start..start+n-1 of `split`, rendered with `apex_frames` frames at the apex."
-    ls = label_set(labels)
-    scenes = world.scenes(n, split, start)
-    clips = np.stack([np.stack([np.asarray(f.convert('RGB')) for f in world.render_clip(s, n_frames, apex_frames, size=size)]) for s in scenes])
-    return clips, np.array([ls.index(s.label) for s in scenes])
 
 # %% ../nbs/11_dferclip.ipynb #9c258133
 @torch.no_grad()

@@ -15,14 +15,13 @@ import torch
 from .core import (LabelSet, label_set, war, uar, per_class_recall, confusion_matrix, mean_average_precision, records_outputs,
                         average_precision_per_class, label_mapping, map_labels, prepare_output_dir, atomic_write_json, atomic_write_bytes, _np,
                         is_main_process)
-from .synth import load_world
 
 # %% auto #0
-__all__ = ['SUBSET_IMAGE_EXTS', 'SYNTH_NUISANCES', 'evaluate_predictions', 'plot_confusion', 'predictions_table', 'write_report',
-           'evaluate_learner', 'evaluate_multilabel', 'write_multilabel_report', 'fold_summary', 'cross_dataset_scores',
+__all__ = ['SUBSET_IMAGE_EXTS', 'evaluate_predictions', 'plot_confusion', 'predictions_table', 'write_report', 'evaluate_learner',
+           'evaluate_multilabel', 'write_multilabel_report', 'fold_summary', 'cross_dataset_scores',
            'evaluate_cross_dataset', 'read_subset_list', 'match_subset', 'ColumnSubsets', 'by_column', 'column_subsets',
            'SubsetMasks', 'resolve_subsets', 'subset_metrics', 'subsets_json', 'plot_subsets', 'parse_subset_option',
-           'synth_nuisance_columns', 'plot_tsne']
+           'plot_tsne']
 
 # %% ../nbs/09_evaluate.ipynb #ce43c926
 def _names(labels) -> tuple:
@@ -357,7 +356,7 @@ def resolve_subsets(subsets, items=None, samples: pd.DataFrame = None, unknown: 
         elif isinstance(spec, ColumnSubsets):
             if samples is None or spec.column not in samples.columns:
                 raise ValueError(f"subset {name!r}: the sample table has no column {spec.column!r}; for a dataset written by "
-                                 f"emonb.synth add the world's columns with emonb.evaluate.synth_nuisance_columns(df)")
+                                 f"emonb.synth add the world's columns with emonb.synth.synth_nuisance_columns(df)")
             for sub, mask in column_subsets(samples[spec.column], spec, name).items():
                 add(sub, mask, dict(kind='column', source=f"column {spec.column}"))
         elif callable(spec):
@@ -430,40 +429,6 @@ def parse_subset_option(text: str) -> tuple:
         if all(v.startswith('>') for v in vals): return name, by_column(col, above=[float(v[1:]) for v in vals], absolute=absolute)
         return name, by_column(col, bins=[float(v) for v in vals], absolute=absolute)
     except ValueError as e: raise ValueError(f"--subset {text!r}: {e}") from None
-
-# %% ../nbs/09_evaluate.ipynb #22c128d7
-SYNTH_NUISANCES = ('occlusion', 'yaw', 'roll', 'intensity', 'blur', 'noise')
-
-def _find_synth_root(df: pd.DataFrame):
-    start = df.attrs.get('root')
-    if start is None: raise ValueError("the table has no attrs['root']: pass the folder written by emonb.synth.write_dataset as root")
-    for p in [Path(start), *Path(start).parents[:3]]:
-        if (p/'emonb_synth.json').is_file(): return p
-    raise FileNotFoundError(f"no emonb_synth.json in {start} or its parents: the dataset was not written by emonb.synth.write_dataset")
-
-# %% ../nbs/09_evaluate.ipynb #133a01ba
-def synth_nuisance_columns(df: pd.DataFrame, root=None) -> pd.DataFrame:
-    "`df` (a reader's table of a dataset written by emonb.synth) with each sample's occlusion, yaw, roll, intensity, blur and noise."
-    root = Path(root) if root is not None else _find_synth_root(df)
-    man_path = root/'emonb_synth.csv'
-    if not man_path.is_file(): raise FileNotFoundError(f"{man_path} not found: {root} was not written by emonb.synth.write_dataset")
-    man = pd.read_csv(man_path, keep_default_na=False)
-    if not set(SYNTH_NUISANCES) <= set(man.columns):
-        world = load_world(root)
-        scenes = [world.scene(int(i), sp) for i, sp in zip(man.scene_index, man.split)]
-        bad = [(p, s.label) for p, s, lab in zip(man.path, scenes, man.canonical_label) if s.label != lab]
-        if bad: raise ValueError(f"{root}: the world rebuilt from emonb_synth.json does not reproduce {len(bad)} file(s), e.g. {bad[0][0]} "
-                                 f"(labelled {man.canonical_label[man.path == bad[0][0]].iloc[0]!r}, rebuilt {bad[0][1]!r}); "
-                                 f"was it written by another version of emonb.synth?")
-        for c in SYNTH_NUISANCES: man[c] = [(getattr(s, c) or 'none') if c == 'occlusion' else float(getattr(s, c)) for s in scenes]
-    key = lambda p: os.path.normcase(os.path.normpath(os.path.abspath(p)))
-    man['_key'] = [key(root/p) for p in man.path]
-    out = df.drop(columns=[c for c in SYNTH_NUISANCES if c in df.columns]).assign(_key=[key(p) for p in df.path])
-    out = out.merge(man[['_key', *SYNTH_NUISANCES]], on='_key', how='left', validate='many_to_one')
-    lost = out.yaw.isna()
-    if lost.any(): raise ValueError(f"{int(lost.sum())} sample(s) are not in the manifest {man_path}, e.g. {out.path[lost].iloc[0]}")
-    out = out.drop(columns='_key'); out.index = df.index; out.attrs = dict(df.attrs)
-    return out
 
 # %% ../nbs/09_evaluate.ipynb #aed01793
 def plot_tsne(features, labels, names=None, perplexity: float = 30., seed: int = 0, title: str = None, figsize=(6, 5)) -> Figure:

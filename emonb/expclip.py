@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_expclip.ipynb #8453e83a
 from __future__ import annotations
-from dataclasses import asdict, replace
+from dataclasses import asdict, replace, is_dataclass
 from pathlib import Path
 import hashlib, io, json, re
 import numpy as np
@@ -14,7 +14,6 @@ from torch import nn
 import torch.nn.functional as F
 from .core import (label_set, war, uar, atomic_write_bytes, prepare_output_dir, atomic_write_json, VARIANTS, records_outputs,
                         check_variant, image_to_8bit)
-from .synth import SyntheticWorld, Scene, describe_face, compose_caption
 from .prompts import expclip_prompts, EXPCLIP_INSTRUCTIONS
 from .encoders import ClipEncoder, HFTextEncoder, FeatureCache, weights_fingerprint, default_device
 from .losses import symmetric_infonce, l2_alignment
@@ -23,12 +22,11 @@ from .learner import TrainConfig, make_learner, fit
 # %% auto #0
 __all__ = ['EXPCLIP_OPTIONS', 'EXPCLIP_RECIPE', 'PROMPT_KINDS', 'expclip_options', 'ExpCLIPProjection', 'ExpCLIPLoss',
            'SquashResize', 'read_rgb', 'expclip_transform', 'expclip_frame_indices', 'Teacher', 'FunctionTeacher',
-           'teacher_targets', 'BLIP2FlanT5Teacher', 'world_fingerprint', 'DescriptionTeacher', 'clip_id',
-           'clip_image_features', 'world_image_features', 'expclip_config', 'expclip_scale', 'projection_dataloaders',
-           'train_projection', 'epoch_losses', 'retrieval_accuracy', 'class_text_features', 'zero_shot_logits',
-           'ExpCLIP', 'zero_shot_table', 'expclip_text_features', 'world_experiment', 'accuracy_difference',
-           'save_projection', 'load_projection', 'clip_video_features', 'fit_expclip', 'evaluate_expclip', 'as_teacher',
-           'fit_expclip_table']
+           'teacher_targets', 'BLIP2FlanT5Teacher', 'DescriptionTeacher', 'clip_id', 'clip_image_features',
+           'expclip_config', 'expclip_scale', 'projection_dataloaders', 'train_projection', 'epoch_losses',
+           'retrieval_accuracy', 'class_text_features', 'zero_shot_logits', 'ExpCLIP', 'zero_shot_table',
+           'expclip_text_features', 'accuracy_difference', 'save_projection', 'load_projection', 'clip_video_features',
+           'fit_expclip', 'evaluate_expclip', 'as_teacher', 'fit_expclip_table']
 
 # %% ../nbs/12_expclip.ipynb #df96582a
 EXPCLIP_OPTIONS = {   # what each variant picks (the table above); explicit keyword arguments override
@@ -171,7 +169,8 @@ class FunctionTeacher(Teacher):
     def fingerprint(self) -> str: return self._fp
 
 # %% ../nbs/12_expclip.ipynb #376eac6d
-def _stable_item(it) -> bool: return isinstance(it, (str, Path, Scene, int, np.integer, tuple))
+def _stable_item(it) -> bool:   # a dataclass instance (a world scene) is its repr
+    return isinstance(it, (str, Path, int, np.integer, tuple)) or (is_dataclass(it) and not isinstance(it, type))
 
 # %% ../nbs/12_expclip.ipynb #ff6c98cc
 def teacher_targets(teacher: Teacher, items, cache: FeatureCache = None, batch_size: int = 64, device=None,
@@ -286,49 +285,24 @@ class BLIP2FlanT5Teacher(Teacher):
         m = mask.unsqueeze(-1).to(h.dtype)
         return F.normalize(((h * m).sum(1) / m.sum(1)).float(), dim=-1).cpu()
 
-# %% ../nbs/12_expclip.ipynb #71a0a455
-def world_fingerprint(world: SyntheticWorld) -> str:
-    "A short hash of a world's seed and parameters (its images are a pure function of them)."
-    return hashlib.sha256(json.dumps(dict(seed=world.seed, params=asdict(world.params)), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-# %% ../nbs/12_expclip.ipynb #9ebc810e
-def _join_phrases(ps): return ps[0] if len(ps) == 1 else ', '.join(ps[:-1]) + ' and ' + ps[-1]
-
 # %% ../nbs/12_expclip.ipynb #467e6612
 class DescriptionTeacher(Teacher):
-    "The synthetic world's label-free teacher: a frozen text encoder on the world's description of what each face shows."
-    WHAT = ('actions', 'caption')
-    def __init__(self, world: SyntheticWorld, text_encoder: nn.Module = None, what: str = 'actions'):
-        if what not in self.WHAT: raise ValueError(f"what must be one of {self.WHAT}, got {what!r}")
-        self.world, self.what = world, what
+    "A label-free teacher: a frozen text encoder (MiniLM by default) on the description `describer` writes of each image (items -> texts, with a `name` and a `fingerprint()`; e.g. `emonb.synth.WorldDescriber`)."
+    def __init__(self, describer, text_encoder: nn.Module = None):
+        lacks = [a for a in ('name', 'fingerprint') if not hasattr(describer, a)]
+        if lacks or not callable(describer): raise TypeError(f"a describer is a callable items -> texts with a name and a fingerprint(); {type(describer).__name__} lacks {lacks or ['__call__']}")
+        self.describer, self.name = describer, describer.name
         self.text_encoder = text_encoder if text_encoder is not None else HFTextEncoder()
         self.dim = int(getattr(self.text_encoder, 'embed_dim', 0)) or int(self.text_encoder(['a face']).shape[1])
-        self.name = f"describe-{what}"
         self._fp, self._memo = None, {}
 
     def fingerprint(self) -> str:
-        if self._fp is None: self._fp = f"{world_fingerprint(self.world)}:{weights_fingerprint(self.text_encoder)}"
+        if self._fp is None: self._fp = f"{self.describer.fingerprint()}:{weights_fingerprint(self.text_encoder)}"
         return self._fp
-
-    def scenes(self, images) -> list:
-        "Scenes of `images` (scenes, or (split, index) pairs of this teacher's world)."
-        out = []
-        for im in images:
-            if isinstance(im, Scene): out.append(im)
-            elif isinstance(im, tuple) and len(im) == 2: out.append(self.world.scene(int(im[1]), im[0]))
-            else: raise TypeError(f"DescriptionTeacher reads world scenes or (split, index) pairs, got {type(im).__name__}")
-        return out
-
-    def describe(self, scene: Scene) -> str:
-        "The description of one scene's image: its visible facial actions (or an emotion-free caption)."
-        if self.what == 'caption':
-            return compose_caption(scene.aus, scene.body_emotion, scene.context_emotion, scene.identity, scene.occlusion,
-                                   scene.emotion, False, np.random.default_rng([scene.render_seed, 6]))
-        return f"A face with {_join_phrases(describe_face(scene.aus, scene.occlusion))}."
 
     @torch.no_grad()
     def encode(self, images) -> torch.Tensor:
-        texts = [self.describe(s) for s in self.scenes(images)]
+        texts = list(self.describer(images))
         new = [t for t in dict.fromkeys(texts) if t not in self._memo]   # descriptions repeat: encode each text once
         if new:
             z = F.normalize(torch.as_tensor(self.text_encoder(new)).float(), dim=-1).cpu()
@@ -359,23 +333,6 @@ def clip_image_features(clip: ClipEncoder, paths, cache: FeatureCache = None, ba
     cache = cache if cache is not None else FeatureCache()
     return cache.get(paths, _encode_images(clip), clip_id(clip), f"files:{_transform_id(transform)}", load=load, batch_size=batch_size,
                      device=clip.device, progress=progress)
-
-# %% ../nbs/12_expclip.ipynb #1b4ca66c
-def world_image_features(clip: ClipEncoder, world: SyntheticWorld, scenes, n_frames: int = None, cache: FeatureCache = None,
-                         size: int = None, batch_size: int = 128, variant: str = 'official', transform=None) -> np.ndarray:
-    "Un-normalised CLIP embeddings of the world's face crops (n, D), or of `n_frames`-frame face clips (n, T, D); cached."
-    scenes, size = list(scenes), size or clip.image_size
-    pre = _input_transform(clip, variant, transform)
-    if n_frames is None:
-        load = lambda ss: torch.stack([pre(world.render_face(s, size)) for s in ss])
-        encode = _encode_images(clip)
-    else:
-        load = lambda ss: torch.stack([torch.stack([pre(f) for f in world.render_clip(s, n_frames, size=size)]) for s in ss])
-        encode = lambda x: clip.encode_clip(x, normalize=False).flatten(1)
-    cache = cache if cache is not None else FeatureCache()
-    tid = f"world:{world_fingerprint(world)}:face{size}" + (f":clip{n_frames}" if n_frames else '') + f":{_transform_id(pre)}"
-    f = cache.get(scenes, encode, clip_id(clip), tid, load=load, batch_size=batch_size, device=clip.device)
-    return f if n_frames is None else np.asarray(f).reshape(len(scenes), n_frames, -1)
 
 # %% ../nbs/12_expclip.ipynb #268c06e4
 def expclip_config(variant: str = 'official', **overrides) -> TrainConfig:
@@ -511,33 +468,6 @@ def expclip_text_features(clip: ClipEncoder, labels, kinds=PROMPT_KINDS, variant
     o = expclip_options(variant, prompts=prompts)
     ps = expclip_prompts(labels, official=o['prompts'] == 'official')
     return {k: class_text_features(clip, ps[k]) for k in kinds}
-
-# %% ../nbs/12_expclip.ipynb #5b3f1424
-def world_experiment(clip: ClipEncoder, world: SyntheticWorld, teacher: Teacher, n_unlabelled: int = 2100, n_test: int = 700,
-                     n_test_clips: int = 0, n_frames: int = 8, config: TrainConfig = None, bs: int = 128, loss: str = None,
-                     cache: FeatureCache = None, kinds=PROMPT_KINDS, path='.', variant: str = 'official', **options) -> dict:
-    "Exp-CLIP end to end in the synthetic world under `variant` (`options`: inputs, scale, prompts, valid_pct): cached features, label-free training of P, zero-shot tables with and without P."
-    o = expclip_options(variant, loss=loss, **options)
-    cache = cache if cache is not None else FeatureCache()
-    pre, scale = expclip_transform(clip, variant, o['inputs']), expclip_scale(clip, variant, o['scale'])
-    train_scenes, test_scenes = world.scenes(n_unlabelled, 'train'), world.scenes(n_test, 'test')
-    e_I = world_image_features(clip, world, train_scenes, cache=cache, transform=pre)
-    e_G = teacher_targets(teacher, train_scenes, cache)
-    learn = train_projection(e_I, e_G, config or expclip_config(variant), bs=bs, loss=o['loss'], scale=scale, valid_pct=o['valid_pct'],
-                             path=path, device=clip.device, variant=variant)
-    proj = learn.model.eval()
-    names = world.classes
-    tf = expclip_text_features(clip, names, kinds, variant, o['prompts'])
-    y = np.array([names.index(s.label) for s in test_scenes])
-    faces = world_image_features(clip, world, test_scenes, cache=cache, transform=pre)
-    out = dict(projection=proj, learn=learn, text_features=tf, e_I=e_I, e_G=e_G, test_features=faces, test_targets=y,
-               options=dict(o, scale=scale), images=zero_shot_table(faces, y, tf, {'CLIP': None, 'Exp-CLIP': proj}, scale))
-    if n_test_clips:
-        clip_scenes = world.scenes(n_test_clips, 'test_clips')
-        clips = world_image_features(clip, world, clip_scenes, n_frames=n_frames, cache=cache, transform=pre)
-        yc = np.array([names.index(s.label) for s in clip_scenes])
-        out.update(clip_features=clips, clip_targets=yc, videos=zero_shot_table(clips, yc, tf, {'CLIP': None, 'Exp-CLIP': proj}, scale))
-    return out
 
 # %% ../nbs/12_expclip.ipynb #72782fa2
 def accuracy_difference(targets, pred_a, pred_b, n_boot: int = 2000, seed: int = 0) -> dict:

@@ -12,14 +12,14 @@ from fastai.vision.all import (DataBlock, ImageBlock, PILImageBW, CategoryBlock,
                                RandomSplitter, aug_transforms, Learner, XResNet, ResBlock, CrossEntropyLossFlat,
                                set_seed, ProgressCallback)
 from .core import label_set, war_metric, uar_metric, prepare_output_dir, records_outputs
-from .synth import SyntheticWorld, write_dataset
+from .synth import SyntheticWorld, write_dataset, world_label, WorldDescriber
 from .evaluate import write_report, plot_confusion
 from .learner import RunETA
 import pandas as pd
 from .core import atomic_write_bytes, atomic_write_json
 
 # %% auto #0
-__all__ = ['COMPARED_METHODS', 'METHOD_TITLES', 'METHOD_DATA', 'fer2013_folder_dataloaders', 'small_xresnet', 'world_label',
+__all__ = ['COMPARED_METHODS', 'METHOD_TITLES', 'METHOD_DATA', 'fer2013_folder_dataloaders', 'small_xresnet',
            'label_world_reports', 'compare_methods', 'comparison_markdown', 'quickstart_steps', 'quickstart']
 
 # %% ../nbs/19_quickstart.ipynb #8e4362c8
@@ -46,10 +46,6 @@ COMPARED_METHODS = ('zeroshot', 'kefer', 'expclip', 'dferclip', 'mlper', 'cocoer
 METHOD_TITLES = {'zeroshot': 'zero-shot CLIP', 'classifier': 'classifier (XResNet)', 'kefer': 'KEFER', 'expclip': 'Exp-CLIP',
                  'dferclip': 'DFER-CLIP', 'mlper': 'MLPER', 'cocoer': 'CocoER'}
 METHOD_DATA = {'zeroshot': 'faces', 'kefer': 'faces', 'expclip': 'faces', 'dferclip': 'clips', 'mlper': 'scenes', 'cocoer': 'scenes'}
-
-def world_label(seed: int) -> str:
-    "What every figure and report of the quickstart says its data are."
-    return f"synthetic world (emonb.synth, seed {seed})"
 
 # %% ../nbs/19_quickstart.ipynb #d9cfc8cf
 def label_world_reports(folder, data: str, redraw: bool = True) -> list:
@@ -78,18 +74,8 @@ def _console_bars_hidden():
 # %% ../nbs/19_quickstart.ipynb #14ca7897
 def _world_faces_teacher(root, text_encoder=None):
     "Exp-CLIP's label-free teacher for a faces dataset written by emonb.synth: the world's description of each file's face, read by a text encoder."
-    from emonb.synth import load_world
     from emonb.expclip import DescriptionTeacher
-    class WorldFilesTeacher(DescriptionTeacher):
-        def __init__(self, root, text_encoder):
-            root = Path(root); man = pd.read_csv(root/'emonb_synth.csv')
-            super().__init__(load_world(root), text_encoder)
-            self.where = {str(root/p): (s, int(i)) for p, s, i in zip(man.path, man.split, man.scene_index)}
-        def scenes(self, images):
-            missing = [str(p) for p in images if str(p) not in self.where]
-            if missing: raise ValueError(f"{len(missing)} file(s) are not in the world's manifest, e.g. {missing[0]}")
-            return super().scenes([self.where[str(p)] for p in images])
-    return WorldFilesTeacher(root, text_encoder)
+    return DescriptionTeacher(WorldDescriber.of_dataset(root), text_encoder)
 
 # %% ../nbs/19_quickstart.ipynb #1b346acb
 def _clock(s: float) -> str: return f"{int(s) // 60}:{int(s) % 60:02d}"
@@ -99,14 +85,14 @@ def _clock(s: float) -> str: return f"{int(s) // 60}:{int(s) % 60:02d}"
 def compare_methods(out, seed: int = 0, methods=COMPARED_METHODS, n_faces: int = 560, n_clips: int = 140, n_scenes: int = 420,
                     overwrite: bool = False, verbose: bool = True) -> pd.DataFrame:
     "Train each method of `methods` briefly on the synthetic world (with its CLIP) and test it once; write `out`; return the comparison table. `verbose` prints a line when each method starts and ends, and the trainers' epoch tables and time-left lines."
-    from emonb.synth import SyntheticWorld, write_dataset
+    from emonb.synth import SyntheticWorld, write_dataset, world_table
     from emonb.data import read_rafdb, read_dfew
     from emonb.worldclip import world_clip_encoder
     from emonb.train import train
     from emonb.predict import evaluate_dataset
     from emonb.dferclip import dferclip_config
     from emonb.mlper import mlper_config
-    from emonb.cocoer import world_table, COCOER_CPU, COCOER_CPU_SIZE, cocoer_config
+    from emonb.cocoer import COCOER_CPU, COCOER_CPU_SIZE, cocoer_config
     unknown = [m for m in methods if m not in COMPARED_METHODS]
     if unknown: raise ValueError(f"unknown method(s) {unknown}: choose from {', '.join(COMPARED_METHODS)}")
     for name, v in dict(n_faces=n_faces, n_clips=n_clips, n_scenes=n_scenes).items():

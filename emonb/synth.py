@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_synth.ipynb #a078a045
 from __future__ import annotations
-import json, math, time, zlib
+import hashlib, json, math, os, time, zlib
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np
@@ -15,12 +15,14 @@ from .core import label_set, LabelSet, LEVELS, prepare_output_dir, atomic_write_
 # %% auto #0
 __all__ = ['AU_NAMES', 'AU_PROTOTYPES', 'OCCLUSION_KINDS', 'CONFLICT_LABELS', 'SKIN_TONES', 'HAIR_COLORS', 'HAIR_STYLES', 'JAWS',
            'EYE_COLORS', 'POSTURES', 'HEAD_SIZE', 'CONTEXTS', 'POSTURE_PHRASES', 'CONTEXT_PHRASES', 'OCCLUSION_PHRASES',
-           'LAYOUTS', 'EMOTIC_OF', 'au_intensity', 'expression_aus', 'WorldParams', 'Identity', 'random_identity',
-           'FacePen', 'draw_face', 'figure_layout', 'draw_body', 'context_plain_room', 'context_party', 'context_rain',
-           'context_gift', 'context_dark', 'context_garbage', 'context_clutter', 'context_office', 'draw_context',
-           'describe_face', 'compose_caption', 'Scene', 'apply_image_nuisances', 'expression_profile', 'SyntheticWorld',
-           'show_grid', 'register_layout', 'layout_label_set', 'manifest_row', 'write_dataset', 'load_world',
-           'write_fer2013', 'write_caer_s', 'emotic_categories', 'write_rafdb', 'write_emotic', 'write_dfew']
+           'LAYOUTS', 'EMOTIC_OF', 'WORLD_TABLE_LAYOUTS', 'SYNTH_NUISANCES', 'au_intensity', 'expression_aus',
+           'WorldParams', 'Identity', 'random_identity', 'FacePen', 'draw_face', 'figure_layout', 'draw_body',
+           'context_plain_room', 'context_party', 'context_rain', 'context_gift', 'context_dark', 'context_garbage',
+           'context_clutter', 'context_office', 'draw_context', 'describe_face', 'compose_caption', 'Scene',
+           'apply_image_nuisances', 'expression_profile', 'SyntheticWorld', 'show_grid', 'register_layout',
+           'layout_label_set', 'manifest_row', 'write_dataset', 'load_world', 'write_fer2013', 'write_caer_s',
+           'emotic_categories', 'write_rafdb', 'write_emotic', 'write_dfew', 'world_label', 'world_fingerprint',
+           'world_clips', 'WorldDescriber', 'world_table', 'synth_nuisance_columns']
 
 # %% ../nbs/01_synth.ipynb #f33635a3
 AU_NAMES = {  # FACS names of the action units the world draws
@@ -1305,3 +1307,116 @@ def write_dfew(world: SyntheticWorld, root: Path, sizes: dict, progress: bool = 
         atomic_write_text(root / 'dfer-clip' / f'DFEW_set_1_{split}.txt', '\n'.join(dc) + ('\n' if dc else ''))
         _report(progress, 'dfew', split, n, t0)
     return rows
+
+# %% ../nbs/01_synth.ipynb #f0fe3531
+def world_label(seed: int) -> str:
+    "How reports name the data of the world with `seed`."
+    return f"synthetic world (emonb.synth, seed {seed})"
+
+# %% ../nbs/01_synth.ipynb #25b37099
+def world_fingerprint(world: SyntheticWorld) -> str:
+    "A short hash of a world's seed and parameters (its images are a pure function of them)."
+    return hashlib.sha256(json.dumps(dict(seed=world.seed, params=asdict(world.params)), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+# %% ../nbs/01_synth.ipynb #4b333ee7
+def world_clips(world: SyntheticWorld, n: int, split: str = 'train', n_frames: int = 8, apex_frames: int = None,
+                size: int = 64, labels='dfew', start: int = 0) -> tuple:
+    "(uint8 clips (n, T, size, size, 3), label indices in `labels`) of scenes start..start+n-1 of `split`, rendered with `apex_frames` frames at the apex."
+    ls = label_set(labels)
+    scenes = world.scenes(n, split, start)
+    clips = np.stack([np.stack([np.asarray(f.convert('RGB')) for f in world.render_clip(s, n_frames, apex_frames, size=size)]) for s in scenes])
+    return clips, np.array([ls.index(s.label) for s in scenes])
+
+# %% ../nbs/01_synth.ipynb #e0fa64ea
+def _join_phrases(ps): return ps[0] if len(ps) == 1 else ', '.join(ps[:-1]) + ' and ' + ps[-1]
+
+# %% ../nbs/01_synth.ipynb #fa636197
+class WorldDescriber:
+    "Label-free descriptions of the world's images: each face's visible actions ('actions') or an emotion-free caption ('caption'); items are scenes, (split, index) pairs or the paths in `files` ({path: (split, index)})."
+    WHAT = ('actions', 'caption')
+    def __init__(self, world: SyntheticWorld, what: str = 'actions', files: dict = None):
+        if what not in self.WHAT: raise ValueError(f"what must be one of {self.WHAT}, got {what!r}")
+        self.world, self.what, self.files, self.name = world, what, dict(files or {}), f"describe-{what}"
+
+    @classmethod
+    def of_dataset(cls, root, what: str = 'actions'):
+        "The describer of a dataset written by `write_dataset` at `root`: its files' paths are its items."
+        root = Path(root); man = pd.read_csv(root/'emonb_synth.csv')
+        return cls(load_world(root), what, {str(root/p): (s, int(i)) for p, s, i in zip(man.path, man.split, man.scene_index)})
+
+    def fingerprint(self) -> str: return world_fingerprint(self.world)
+    def __call__(self, items) -> list: return [self.describe(s) for s in self.scenes(items)]
+    def __repr__(self): return f"WorldDescriber({self.world!r}, what={self.what!r}, files={len(self.files)})"
+
+    def scenes(self, items) -> list:
+        "The scenes of `items` (scenes, (split, index) pairs of this world, or paths in `self.files`)."
+        items = list(items)
+        missing = [str(p) for p in items if isinstance(p, (str, Path)) and str(p) not in self.files]
+        if missing and self.files: raise ValueError(f"{len(missing)} file(s) are not in the world's manifest, e.g. {missing[0]}")
+        out = []
+        for it in items:
+            if isinstance(it, (str, Path)) and self.files: it = self.files[str(it)]
+            if isinstance(it, Scene): out.append(it)
+            elif isinstance(it, tuple) and len(it) == 2: out.append(self.world.scene(int(it[1]), it[0]))
+            else: raise TypeError(f"WorldDescriber reads world scenes or (split, index) pairs (file paths with of_dataset), got {type(it).__name__}")
+        return out
+
+    def describe(self, scene: Scene) -> str:
+        "The description of one scene's image: its visible facial actions (or an emotion-free caption)."
+        if self.what == 'caption':
+            return compose_caption(scene.aus, scene.body_emotion, scene.context_emotion, scene.identity, scene.occlusion,
+                                   scene.emotion, False, np.random.default_rng([scene.render_seed, 6]))
+        return f"A face with {_join_phrases(describe_face(scene.aus, scene.occlusion))}."
+
+# %% ../nbs/01_synth.ipynb #6a90fa96
+WORLD_TABLE_LAYOUTS = ('caer_s', 'emotic')
+
+def world_table(root, layout: str = None) -> pd.DataFrame:
+    "The sample table of a CAER-S or EMOTIC dataset written by `write_dataset`, with the world's face/body boxes and each sample's `conflict_level` ('' if none)."
+    from emonb.data import read_caer_s, read_emotic, join_boxes   # the readers are emonb.data's (02), a layer above the world that writes the files
+    root = Path(root)
+    man_f, info_f = root/'emonb_synth.csv', root/'emonb_synth.json'
+    if not man_f.is_file(): raise FileNotFoundError(f"{man_f} not found: {root} was not written by emonb.synth.write_dataset")
+    layout = layout or json.loads(info_f.read_text())['layout']
+    if layout not in WORLD_TABLE_LAYOUTS: raise ValueError(f"world_table reads the scene layouts {list(WORLD_TABLE_LAYOUTS)}, not {layout!r}")
+    df = dict(caer_s=read_caer_s, emotic=read_emotic)[layout](root)
+    man = pd.read_csv(man_f, keep_default_na=False)
+    out = join_boxes(df, man, root=root)
+    extra = man[['path', 'conflict_level', 'face_emotion', 'body_emotion', 'context_emotion']].assign(path=[str(root/p) for p in man.path])
+    out = out.merge(extra, on='path', how='left')
+    out.attrs = dict(df.attrs)
+    return out
+
+# %% ../nbs/01_synth.ipynb #f91c4d2f
+SYNTH_NUISANCES = ('occlusion', 'yaw', 'roll', 'intensity', 'blur', 'noise')
+
+def _find_synth_root(df: pd.DataFrame):
+    start = df.attrs.get('root')
+    if start is None: raise ValueError("the table has no attrs['root']: pass the folder written by emonb.synth.write_dataset as root")
+    for p in [Path(start), *Path(start).parents[:3]]:
+        if (p/'emonb_synth.json').is_file(): return p
+    raise FileNotFoundError(f"no emonb_synth.json in {start} or its parents: the dataset was not written by emonb.synth.write_dataset")
+
+# %% ../nbs/01_synth.ipynb #b797053f
+def synth_nuisance_columns(df: pd.DataFrame, root=None) -> pd.DataFrame:
+    "`df` (a reader's table of a dataset written by emonb.synth) with each sample's occlusion, yaw, roll, intensity, blur and noise."
+    root = Path(root) if root is not None else _find_synth_root(df)
+    man_path = root/'emonb_synth.csv'
+    if not man_path.is_file(): raise FileNotFoundError(f"{man_path} not found: {root} was not written by emonb.synth.write_dataset")
+    man = pd.read_csv(man_path, keep_default_na=False)
+    if not set(SYNTH_NUISANCES) <= set(man.columns):
+        world = load_world(root)
+        scenes = [world.scene(int(i), sp) for i, sp in zip(man.scene_index, man.split)]
+        bad = [(p, s.label) for p, s, lab in zip(man.path, scenes, man.canonical_label) if s.label != lab]
+        if bad: raise ValueError(f"{root}: the world rebuilt from emonb_synth.json does not reproduce {len(bad)} file(s), e.g. {bad[0][0]} "
+                                 f"(labelled {man.canonical_label[man.path == bad[0][0]].iloc[0]!r}, rebuilt {bad[0][1]!r}); "
+                                 f"was it written by another version of emonb.synth?")
+        for c in SYNTH_NUISANCES: man[c] = [(getattr(s, c) or 'none') if c == 'occlusion' else float(getattr(s, c)) for s in scenes]
+    key = lambda p: os.path.normcase(os.path.normpath(os.path.abspath(p)))
+    man['_key'] = [key(root/p) for p in man.path]
+    out = df.drop(columns=[c for c in SYNTH_NUISANCES if c in df.columns]).assign(_key=[key(p) for p in df.path])
+    out = out.merge(man[['_key', *SYNTH_NUISANCES]], on='_key', how='left', validate='many_to_one')
+    lost = out.yaw.isna()
+    if lost.any(): raise ValueError(f"{int(lost.sum())} sample(s) are not in the manifest {man_path}, e.g. {out.path[lost].iloc[0]}")
+    out = out.drop(columns='_key'); out.index = df.index; out.attrs = dict(df.attrs)
+    return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-import json, math, time, datetime, logging, zlib, contextlib, importlib.resources, multiprocessing
+import json, math, re, time, datetime, logging, zlib, contextlib, importlib.resources, multiprocessing
 import numpy as np
 import pandas as pd
 import torch
@@ -16,8 +16,8 @@ import open_clip
 from open_clip_train.scheduler import cosine_lr
 import safetensors.torch
 from .core import label_set, atomic_write_bytes, atomic_write_json
-from .synth import SyntheticWorld, Scene, describe_face, POSTURE_PHRASES, CONTEXT_PHRASES, OCCLUSION_PHRASES
-from .encoders import register_model_configs, model_config_dir, ClipEncoder
+from .synth import SyntheticWorld, Scene, describe_face, world_fingerprint, POSTURE_PHRASES, CONTEXT_PHRASES, OCCLUSION_PHRASES
+from .encoders import register_model_configs, model_config_dir, ClipEncoder, FeatureCache, weights_fingerprint
 
 # %% auto #0
 __all__ = ['WORLD_CLIP', 'WORLD_CLIP_CLASSES', 'FACE_PROMPT', 'SCENE_PROMPT', 'FACE_STARTS', 'FACE_EMOTION_PHRASES',
@@ -25,7 +25,8 @@ __all__ = ['WORLD_CLIP', 'WORLD_CLIP_CLASSES', 'FACE_PROMPT', 'SCENE_PROMPT', 'F
            'emotion_phrase', 'face_caption', 'scene_caption', 'WorldPairs', 'world_pairs', 'images_to_tensor',
            'torch_threads', 'train_world_clip', 'world_clip_path', 'save_world_clip', 'world_clip_info',
            'load_world_clip', 'world_clip_encoder', 'world_eval_set', 'encode_images', 'encode_texts',
-           'class_embeddings', 'zero_shot_accuracy', 'retrieval_recall', 'face_zero_shot', 'pretrain_world_clip']
+           'class_embeddings', 'zero_shot_accuracy', 'retrieval_recall', 'face_zero_shot', 'pretrain_world_clip',
+           'world_image_features']
 
 # %% ../nbs/05a_worldclip.ipynb #16e55ca4
 WORLD_CLIP = 'emonb-world-clip'  # the open_clip config name (emonb/model_configs/emonb-world-clip.json)
@@ -332,3 +333,22 @@ def pretrain_world_clip(path=None, workers: int = 2, threads: int | None = 1, ou
     p = save_world_clip(model, path, info)
     out(f"zero-shot face accuracy {acc:.3f}; wrote {p} ({p.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.0f} s")
     return model, hist, info
+
+# %% ../nbs/05a_worldclip.ipynb #ecf732fc
+def world_image_features(clip: ClipEncoder, world: SyntheticWorld, scenes, n_frames: int = None, cache: FeatureCache = None,
+                         size: int = None, batch_size: int = 128, transform=None) -> np.ndarray:
+    "Un-normalised CLIP embeddings of the world's face crops (n, D), or of `n_frames`-frame face clips (n, T, D), through `transform` (default: the CLIP's preprocess); cached."
+    scenes, size = list(scenes), size or clip.image_size
+    pre = transform if transform is not None else clip.preprocess
+    if pre is None: raise ValueError(f"CLIP {clip.name!r} has no preprocess transform: pass transform=")
+    if n_frames is None:
+        load = lambda ss: torch.stack([pre(world.render_face(s, size)) for s in ss])
+        encode = lambda x: clip.encode_image(x, normalize=False)
+    else:
+        load = lambda ss: torch.stack([torch.stack([pre(f) for f in world.render_clip(s, n_frames, size=size)]) for s in ss])
+        encode = lambda x: clip.encode_clip(x, normalize=False).flatten(1)
+    cache = cache if cache is not None else FeatureCache()
+    pre_id = re.sub(r'\s+', ' ', repr(pre))   # the transform's identity: its repr, whitespace folded
+    tid = f"world:{world_fingerprint(world)}:face{size}" + (f":clip{n_frames}" if n_frames else '') + f":{pre_id}"
+    f = cache.get(scenes, encode, f"{clip.name}:{weights_fingerprint(clip.model)}", tid, load=load, batch_size=batch_size, device=clip.device)
+    return f if n_frames is None else np.asarray(f).reshape(len(scenes), n_frames, -1)

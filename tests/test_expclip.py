@@ -12,10 +12,11 @@ from emonb.core import label_set
 from emonb.prompts import expclip_prompts
 from emonb.expclip import (ExpCLIP, ExpCLIPLoss, ExpCLIPProjection, EXPCLIP_RECIPE, FunctionTeacher, class_text_features,
                            clip_video_features, evaluate_expclip, load_projection, save_projection, teacher_targets,
-                           train_projection, world_image_features, zero_shot_logits, DescriptionTeacher, clip_image_features,
+                           train_projection, zero_shot_logits, DescriptionTeacher, clip_image_features,
                            expclip_options, expclip_config, expclip_transform, expclip_scale, expclip_frame_indices,
                            expclip_text_features, SquashResize, read_rgb, BLIP2FlanT5Teacher, PROMPT_KINDS)
-from emonb.synth import SyntheticWorld, write_dataset
+from emonb.synth import SyntheticWorld, WorldDescriber, write_dataset
+from emonb.worldclip import world_image_features
 from emonb.data import read_dfew, read_rafdb
 
 
@@ -56,8 +57,8 @@ def test_projection_file_roundtrip(tmp_path):
 def test_raw_images_match_cached_features(clip, tmp_path):
     world = SyntheticWorld(seed=3)
     scenes = world.scenes(6, 'test')
-    feats = world_image_features(clip, world, scenes, cache=FeatureCache(tmp_path))
-    clips = world_image_features(clip, world, scenes[:2], n_frames=4, cache=FeatureCache(tmp_path))
+    feats = world_image_features(clip, world, scenes, cache=FeatureCache(tmp_path), transform=expclip_transform(clip))
+    clips = world_image_features(clip, world, scenes[:2], n_frames=4, cache=FeatureCache(tmp_path), transform=expclip_transform(clip))
     assert feats.shape == (6, clip.embed_dim) and clips.shape == (2, 4, clip.embed_dim)
     texts = class_text_features(clip, [('a.', 'b.'), ('c.', 'd.'), ('e.', 'f.')])
     model = ExpCLIP(clip, ExpCLIPProjection(clip.embed_dim, 8))
@@ -89,10 +90,10 @@ def test_description_teacher_encodes_each_text_once(tmp_path):
     class Counting(torch.nn.Module):
         embed_dim = 3
         def forward(self, texts): seen.extend(texts); return torch.randn(len(texts), 3)
-    t = DescriptionTeacher(world, Counting())
+    t = DescriptionTeacher(WorldDescriber(world), Counting())
     scenes = world.scenes(80, 'train')
     z = teacher_targets(t, scenes, FeatureCache(tmp_path), batch_size=16)
-    texts = [t.describe(s) for s in scenes]
+    texts = t.describer(scenes)
     assert len(seen) == len(set(texts)) < 80                                   # each distinct description encoded once
     same = [i for i in range(80) if texts[i] == texts[0]]
     assert len(same) > 1 and np.allclose(z[same], z[0])

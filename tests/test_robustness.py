@@ -5,7 +5,7 @@ import pytest
 
 from emonb.core import war, uar
 from emonb.evaluate import (read_subset_list, match_subset, by_column, column_subsets, resolve_subsets, subset_metrics,
-                            subsets_json, plot_subsets, write_report, synth_nuisance_columns, SubsetMasks, parse_subset_option)
+                            subsets_json, plot_subsets, write_report, SubsetMasks, parse_subset_option)
 
 RAF = [f'/data/RAF-DB/basic/Image/aligned/test_{i:04d}_aligned.jpg' for i in range(1, 21)]
 
@@ -172,7 +172,7 @@ def test_plot_subsets_draws_one_bar_per_subset(run):
 
 
 def test_synth_nuisance_columns_match_the_world(tmp_path):
-    from emonb.synth import SyntheticWorld, write_dataset
+    from emonb.synth import SyntheticWorld, write_dataset, synth_nuisance_columns
     from emonb.data import read_rafdb
     w = SyntheticWorld(seed=1, occlusion=0.5, yaw=40)
     write_dataset(w, tmp_path/'raf', 'rafdb', {'train': 3, 'test': 12})
