@@ -14,12 +14,12 @@ from .encoders import ClipEncoder, PromptLearner
 from .losses import cosine_logits
 
 # %% auto #0
-__all__ = ['text_prototypes', 'zero_shot_logits', 'linear_probe', 'ClipClassifier', 'build_clip_classifier',
+__all__ = ['clip_text_prototypes', 'zero_shot_logits', 'linear_probe', 'ClipClassifier', 'build_clip_classifier',
            'clip_classifier_splitter', 'CoOpClassifier']
 
 # %% ../nbs/15_baselines.ipynb #81c59cf4
 @torch.no_grad()
-def text_prototypes(clip: ClipEncoder, labels, templates) -> torch.Tensor:
+def clip_text_prototypes(clip: ClipEncoder, labels, templates) -> torch.Tensor:
     "(T, K, D) normalised text embeddings of each template for each class."
     names = class_names(labels)
     templates = [templates] if isinstance(templates, str) else list(templates)
@@ -30,7 +30,7 @@ def text_prototypes(clip: ClipEncoder, labels, templates) -> torch.Tensor:
 def zero_shot_logits(clip: ClipEncoder, image_features: torch.Tensor, labels, templates, ensemble: str = 'logits',
                      scale: float = 100.) -> torch.Tensor:
     "(B, K) zero-shot logits of image features against class prompts; templates combined by 'logits' or 'embedding' averaging."
-    protos = text_prototypes(clip, labels, templates).to(image_features)
+    protos = clip_text_prototypes(clip, labels, templates).to(image_features)
     f = F.normalize(image_features, dim=-1)
     if ensemble == 'logits': return torch.stack([scale * f @ p.T for p in protos]).mean(0)
     if ensemble == 'embedding': return scale * f @ F.normalize(protos.mean(0), dim=-1).T

@@ -14,8 +14,8 @@ import numpy as np
 # %% auto #0
 __all__ = ['ADJECTIVES', 'SYNONYMS', 'EMOTIONS', 'LEVELS', 'LABEL_SETS', 'IMAGE_EXTS', 'TABLE_COLUMNS', 'VARIANTS',
            'OUTPUT_MARKER', 'PATH_VARIABLES', 'canonical_name', 'LabelSet', 'register_label_set', 'label_set',
-           'label_mapping', 'map_labels', 'table_schema', 'confusion_matrix', 'per_class_recall', 'war', 'uar',
-           'average_precision_per_class', 'mean_average_precision', 'war_metric', 'uar_metric', 'map_metric',
+           'label_mapping', 'map_labels', 'table_schema', 'to_numpy', 'confusion_matrix', 'per_class_recall', 'war',
+           'uar', 'average_precision_per_class', 'mean_average_precision', 'war_metric', 'uar_metric', 'map_metric',
            'check_variant', 'is_main_process', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
            'output_manifest', 'check_output_dir', 'prepare_output_dir', 'record_outputs', 'records_outputs',
            'resuming_runs', 'resume_requested', 'check_output_disjoint', 'emonb_home', 'cache_dir', 'shared_data_dir',
@@ -205,24 +205,24 @@ def table_schema() -> str:
     return 'a sample table (--dataset table) is a CSV with the columns:\n' + '\n'.join(f"  {k}: {v}" for k, v in TABLE_COLUMNS.items())
 
 # %% ../nbs/00_core.ipynb #fc39c4b9
-def _np(x):
+def to_numpy(x):
     "numpy view of a list, array or (possibly GPU) tensor"
     if hasattr(x, 'detach'): x = x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
     return np.asarray(x)
 
 # %% ../nbs/00_core.ipynb #2d677f3f
 def _as_labels(preds):
-    p = _np(preds)
+    p = to_numpy(preds)
     return p.argmax(-1) if p.ndim == 2 else p.astype(np.int64)
 
 # %% ../nbs/00_core.ipynb #e37f7371
 def confusion_matrix(targets, preds, n_classes: int = None, normalize: bool = False) -> np.ndarray:
     "Counts `C[t, p]` of samples of true class `t` predicted as `p`; `normalize=True` divides each row by its total."
-    t, p = _np(targets).astype(np.int64).ravel(), _as_labels(preds).ravel()
+    t, p = to_numpy(targets).astype(np.int64).ravel(), _as_labels(preds).ravel()
     if t.shape != p.shape: raise ValueError(f"targets and predictions differ in length: {t.shape[0]} vs {p.shape[0]}")
     if n_classes is None:
         n_classes = int(max(t.max(initial=-1), p.max(initial=-1))) + 1
-        if _np(preds).ndim == 2: n_classes = max(n_classes, _np(preds).shape[1])
+        if to_numpy(preds).ndim == 2: n_classes = max(n_classes, to_numpy(preds).shape[1])
     for nm, a in (('targets', t), ('predictions', p)):
         if a.size and (a.min() < 0 or a.max() >= n_classes):
             raise ValueError(f"{nm} hold class indices outside 0..{n_classes-1}: {sorted(set(a[(a < 0) | (a >= n_classes)].tolist()))[:10]}")
@@ -241,7 +241,7 @@ def per_class_recall(targets, preds, n_classes: int = None) -> np.ndarray:
 # %% ../nbs/00_core.ipynb #a01d3b39
 def war(targets, preds) -> float:
     "Weighted average recall = accuracy."
-    t, p = _np(targets).astype(np.int64).ravel(), _as_labels(preds).ravel()
+    t, p = to_numpy(targets).astype(np.int64).ravel(), _as_labels(preds).ravel()
     if t.size == 0: raise ValueError("war of an empty set of predictions")
     if t.shape != p.shape: raise ValueError(f"targets and predictions differ in length: {t.shape[0]} vs {p.shape[0]}")
     return float((t == p).mean())
@@ -256,7 +256,7 @@ def uar(targets, preds, n_classes: int = None) -> float:
 # %% ../nbs/00_core.ipynb #629ca4ec
 def average_precision_per_class(targets, scores) -> np.ndarray:
     "AP of each column of `scores` (n, K) against multi-hot `targets` (n, K); NaN where a class has no positive."
-    y, s = _np(targets).astype(bool), _np(scores).astype(np.float64)
+    y, s = to_numpy(targets).astype(bool), to_numpy(scores).astype(np.float64)
     if y.ndim == 1: y, s = y[:, None], s[:, None]
     if y.shape != s.shape: raise ValueError(f"targets {y.shape} and scores {s.shape} differ in shape")
     if not np.isfinite(s).all(): raise ValueError("scores contain NaN or inf")

@@ -26,8 +26,10 @@ from .evaluate import write_report, evaluate_predictions
 __all__ = ['PROMPT_KINDS', 'DFERCLIP_TEMPORAL', 'DFERCLIP_LRS', 'DFERCLIP_BATCH_SIZE', 'DFERCLIP_SELECTION', 'DFERCLIP_INPUTS',
            'dferclip_texts', 'DFERCLIP', 'dferclip_param_groups', 'dferclip_splitter', 'dferclip_config',
            'dferclip_augment', 'train_dferclip', 'build_dferclip', 'dferclip_after_load', 'dferclip_from_run',
-           'dferclip_recipe', 'fit_dferclip', 'encode_frames', 'feature_dataloaders', 'BestInMemory',
-           'train_on_features']
+           'dferclip_recipe', 'fit_dferclip', 'encode_frames', 'train_on_features']
+
+# %% ../nbs/11_dferclip.ipynb #bee2b23e
+from .learner import feature_dataloaders, BestInMemory
 
 # %% ../nbs/11_dferclip.ipynb #22e1a8fa
 PROMPT_KINDS = ('description', 'name', 'expression')
@@ -260,36 +262,6 @@ def encode_frames(clip: ClipEncoder, clips: np.ndarray, batch_size: int = 64, no
         x = torch.from_numpy(clips[i:i + batch_size]).permute(0, 1, 4, 2, 3).float().div(255)
         out.append(clip.encode_clip(((x - mean) / std if normalize else x).to(clip.device), normalize=False).float().cpu())
     return torch.cat(out)
-
-# %% ../nbs/11_dferclip.ipynb #d87bed04
-def feature_dataloaders(train: tuple, valid: tuple, bs: int = 32, device=None):
-    "fastai DataLoaders of (frame features (T, D), label): `train` and `valid` are (features (n, T, D), labels (n,))."
-    from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
-    def items(xy, name):
-        x, y = xy; y = torch.as_tensor(np.asarray(y), dtype=torch.long)
-        if len(x) != len(y): raise ValueError(f"{name}: {len(x)} feature rows but {len(y)} labels")
-        return list(zip(torch.as_tensor(x, dtype=torch.float32), y))
-    return DataLoaders(DataLoader(items(train, 'train'), bs=bs, shuffle=True), DataLoader(items(valid, 'valid'), bs=max(bs, 64)), device=device)
-
-# %% ../nbs/11_dferclip.ipynb #ea13c322
-class BestInMemory(Callback):
-    "Keep the trainable parameters of the best epoch on `monitor` (validation) in memory; `restore()` puts them back."
-    order = 61   # after the Recorder has the epoch's validation metrics
-    def __init__(self, monitor: str = 'valid_loss'): self.monitor, self.best, self.best_epoch, self.state = monitor, None, None, None
-    def after_epoch(self):
-        names = list(self.learn.recorder.metric_names[1:])
-        if self.monitor not in names: raise ValueError(f"monitor {self.monitor!r} is not a recorded metric: {names}")
-        v = float(self.learn.recorder.log[1:][names.index(self.monitor)])
-        if self.best is None or (v < self.best if 'loss' in self.monitor else v > self.best):
-            self.best, self.best_epoch = v, self.epoch
-            self.state = {n: p.detach().clone() for n, p in self.learn.model.named_parameters() if p.requires_grad}
-    def restore(self) -> dict:
-        if self.state is None: raise RuntimeError("no epoch has finished: there is nothing to restore")
-        with torch.no_grad():
-            for n, p in self.learn.model.named_parameters():
-                if n in self.state: p.copy_(self.state[n])
-        return dict(epoch=self.best_epoch, value=self.best, monitor=self.monitor)
 
 # %% ../nbs/11_dferclip.ipynb #f92ab4a3
 def train_on_features(model: DFERCLIP, train: tuple, valid: tuple, test: tuple = None, config: TrainConfig = None,

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 import seaborn as sns
 import torch
 from .core import (LabelSet, label_set, war, uar, per_class_recall, confusion_matrix, mean_average_precision, records_outputs,
-                        average_precision_per_class, label_mapping, map_labels, prepare_output_dir, atomic_write_json, atomic_write_bytes, _np,
+                        average_precision_per_class, label_mapping, map_labels, prepare_output_dir, atomic_write_json, atomic_write_bytes, to_numpy,
                         is_main_process)
 
 # %% auto #0
@@ -43,14 +43,14 @@ def _clean(x):
 def evaluate_predictions(targets, scores, labels) -> dict:
     "WAR, UAR, per-class recall and the confusion matrix of single-label `scores` (n, K) against `targets`."
     names = _names(labels)
-    s = _np(scores)
+    s = to_numpy(scores)
     if s.ndim != 2 or s.shape[1] != len(names):
         raise ValueError(f"scores must have shape (n, {len(names)}) for classes {list(names)}, got {s.shape}")
     k = len(names)
     recall = per_class_recall(targets, s, k)
     return _clean(dict(n=len(s), war=war(targets, s), uar=uar(targets, s, k),
                        per_class_recall=dict(zip(names, recall)),
-                       support=dict(zip(names, np.bincount(_np(targets).astype(int), minlength=k))),
+                       support=dict(zip(names, np.bincount(to_numpy(targets).astype(int), minlength=k))),
                        confusion=confusion_matrix(targets, s, k), classes=list(names)))
 
 # %% ../nbs/09_evaluate.ipynb #e42e1324
@@ -80,7 +80,7 @@ def plot_confusion(cm, labels, normalize: bool = True, title: str = None, figsiz
 def predictions_table(targets, scores, labels, items=None) -> pd.DataFrame:
     "One row per sample: item, target and predicted class names, and a `p_<class>` column per class."
     names = _names(labels)
-    s, t = _np(scores).astype(float), _np(targets).astype(int)
+    s, t = to_numpy(scores).astype(float), to_numpy(targets).astype(int)
     if len(s) != len(t): raise ValueError(f"{len(t)} targets but {len(s)} rows of scores")
     if items is not None and len(items) != len(t): raise ValueError(f"{len(items)} items but {len(t)} targets")
     df = pd.DataFrame({'item': [str(o) for o in items] if items is not None else np.arange(len(t)),
@@ -134,7 +134,7 @@ def evaluate_learner(learn, dl, labels, folder, run: dict = None, best: bool = T
 def evaluate_multilabel(targets, scores, labels) -> dict:
     "mAP and per-class AP of multi-label `scores` (n, K) against multi-hot `targets`."
     names = _names(labels)
-    t, s = _np(targets), _np(scores)
+    t, s = to_numpy(targets), to_numpy(scores)
     if s.shape != t.shape or s.shape[1] != len(names):
         raise ValueError(f"targets {t.shape} and scores {s.shape} must both be (n, {len(names)}) for classes {list(names)[:5]}...")
     ap = average_precision_per_class(t, s)
@@ -152,7 +152,7 @@ def write_multilabel_report(folder, targets, scores, labels, items=None, run: di
     if not is_main_process(): return metrics   # a multi-process run: rank 0 writes the report, once
     folder = prepare_output_dir(folder, overwrite=overwrite)
     atomic_write_json(folder/'metrics.json', metrics)
-    s, t = _np(scores).astype(float), _np(targets)
+    s, t = to_numpy(scores).astype(float), to_numpy(targets)
     df = pd.DataFrame({'item': [str(o) for o in items] if items is not None else np.arange(len(s)),
                        'targets': ['|'.join(n for n, y in zip(names, row) if y) for row in t]})
     for j, n in enumerate(names): df[f'p_{n}'] = s[:, j]
@@ -180,7 +180,7 @@ def cross_dataset_scores(scores, model_labels, test_labels, missing: str = 'rais
     "Scores (n, K_model) of a model trained on `model_labels` re-ordered into `test_labels`' classes: (scores (n, K_test), dropped model classes, test classes missing from the model)."
     src, dst = label_set(model_labels), label_set(test_labels)
     if missing not in ('raise', 'zero'): raise ValueError(f"missing must be 'raise' or 'zero', got {missing!r}")
-    s = np.asarray(_np(scores), dtype=np.float64)
+    s = np.asarray(to_numpy(scores), dtype=np.float64)
     if s.ndim != 2 or s.shape[1] != len(src):
         raise ValueError(f"scores must have shape (n, {len(src)}) for the model's classes {list(src.names)}, got {s.shape}")
     model_index = label_mapping(dst, src, missing=-1)               # the model's column of each test class (-1: none)
@@ -368,7 +368,7 @@ def resolve_subsets(subsets, items=None, samples: pd.DataFrame = None, unknown: 
 # %% ../nbs/09_evaluate.ipynb #cb020574
 def subset_metrics(targets, scores, labels, subsets, items=None, samples: pd.DataFrame = None, unknown: str = 'raise') -> pd.DataFrame:
     "One row for the whole set ('all') and one per subset: n, fraction, WAR, UAR (and, for lists, listed / duplicates / unknown)."
-    names, t, s = _names(labels), _np(targets).astype(int), _np(scores)
+    names, t, s = _names(labels), to_numpy(targets).astype(int), to_numpy(scores)
     if s.ndim != 2 or s.shape != (len(t), len(names)):
         raise ValueError(f"scores must have shape ({len(t)}, {len(names)}) for classes {list(names)}, got {s.shape}")
     sub = resolve_subsets(subsets, items, samples, unknown, n=len(t))
@@ -434,7 +434,7 @@ def parse_subset_option(text: str) -> tuple:
 def plot_tsne(features, labels, names=None, perplexity: float = 30., seed: int = 0, title: str = None, figsize=(6, 5)) -> Figure:
     "A 2-D t-SNE map of `features` (n, d) coloured by class `labels` (indices into `names`)."
     from sklearn.manifold import TSNE
-    x, y = _np(features).astype(np.float32), _np(labels).astype(int)
+    x, y = to_numpy(features).astype(np.float32), to_numpy(labels).astype(int)
     if len(x) != len(y): raise ValueError(f"{len(x)} feature rows but {len(y)} labels")
     z = TSNE(n_components=2, perplexity=min(perplexity, max(2., (len(x) - 1) / 3)), random_state=seed, init='pca').fit_transform(x)
     names = _names(names) if names is not None else [str(i) for i in range(y.max() + 1)]

@@ -24,7 +24,7 @@ __all__ = ['EXPCLIP_OPTIONS', 'EXPCLIP_RECIPE', 'PROMPT_KINDS', 'expclip_options
            'SquashResize', 'read_rgb', 'expclip_transform', 'expclip_frame_indices', 'Teacher', 'FunctionTeacher',
            'teacher_targets', 'BLIP2FlanT5Teacher', 'DescriptionTeacher', 'clip_id', 'clip_image_features',
            'expclip_config', 'expclip_scale', 'projection_dataloaders', 'train_projection', 'epoch_losses',
-           'retrieval_accuracy', 'class_text_features', 'zero_shot_logits', 'ExpCLIP', 'zero_shot_table',
+           'retrieval_accuracy', 'class_text_features', 'projected_logits', 'ExpCLIP', 'zero_shot_table',
            'expclip_text_features', 'accuracy_difference', 'save_projection', 'load_projection', 'clip_video_features',
            'fit_expclip', 'evaluate_expclip', 'as_teacher', 'fit_expclip_table']
 
@@ -415,7 +415,7 @@ def class_text_features(clip: ClipEncoder, texts) -> torch.Tensor:
 
 # %% ../nbs/12_expclip.ipynb #1a55d13e
 @torch.no_grad()
-def zero_shot_logits(image_features, text_features, projection: ExpCLIPProjection = None, scale: float = 100.) -> torch.Tensor:
+def projected_logits(image_features, text_features, projection: ExpCLIPProjection = None, scale: float = 100.) -> torch.Tensor:
     "(B, K) logits scale·cos(P(e_I), P(e_T)) averaged over each class's templates; (B, T, D) clips are mean-pooled after P."
     x = image_features.float() if torch.is_tensor(image_features) else torch.tensor(np.asarray(image_features), dtype=torch.float32)
     t = torch.as_tensor(text_features).float()
@@ -445,7 +445,7 @@ class ExpCLIP(nn.Module):
     def forward(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         "(B, K) logits of images (B, C, H, W) or clips (B, T, C, H, W) (made by `self.transform`) against class text features (K, [M,] D)."
         e = self.clip.encode_clip(images, normalize=False) if images.ndim == 5 else self.clip.encode_image(images, normalize=False)
-        return zero_shot_logits(e, text_features, self.projection, self.scale)
+        return projected_logits(e, text_features, self.projection, self.scale)
 
 # %% ../nbs/12_expclip.ipynb #a8cdf49f
 PROMPT_KINDS = ('name', 'expression', 'photo', 'ensemble5', 'ensemble10')
@@ -457,7 +457,7 @@ def zero_shot_table(image_features, targets, text_features: dict, projections: d
     for kind, tf in text_features.items():
         row = {'prompts': kind}
         for name, p in projections.items():
-            pred = zero_shot_logits(image_features, tf, p, scale).argmax(1).numpy()
+            pred = projected_logits(image_features, tf, p, scale).argmax(1).numpy()
             row[f'{name} WAR'], row[f'{name} UAR'] = war(y, pred), uar(y, pred, k)
         rows.append(row)
     return pd.DataFrame(rows).set_index('prompts')
@@ -605,7 +605,7 @@ def evaluate_expclip(clip: ClipEncoder, projection: ExpCLIPProjection, df: pd.Da
                    **(dict(frames=o['frames'], n_frames=n_frames) if video else {}))
         for name, p in models.items():
             for k in kinds:
-                scores = zero_shot_logits(feats, tf[k], p, s).softmax(-1).numpy()
+                scores = projected_logits(feats, tf[k], p, s).softmax(-1).numpy()
                 write_report(out/f"{name.lower()}-{k}", y, scores, ls, items=list(df['path']), overwrite=overwrite,
                              run=dict(method=name, prompts=k, **run))
         atomic_write_bytes(out/'summary.csv', table.to_csv().encode())

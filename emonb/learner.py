@@ -23,7 +23,7 @@ from .core import atomic_write_bytes, atomic_write_json, is_main_process, resume
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'TrainConfig', 'lr_schedule', 'barrier', 'unwrap_model', 'EpochCheckpoint', 'resume',
            'load_best', 'NonFiniteLossError', 'checkpoint_dir', 'StopOnNonFinite', 'StepBudget', 'RunETA', 'uses_cuda',
            'make_learner', 'fit', 'GlooDistributedDL', 'EmonbDistributedTrainer', 'distributed_ctx', 'ClassScores',
-           'batch_inputs', 'class_probabilities']
+           'batch_inputs', 'class_probabilities', 'feature_dataloaders', 'BestInMemory']
 
 # %% ../nbs/08_learner.ipynb #8c160249
 OPTIMIZERS = {'sgd': torch.optim.SGD, 'adam': torch.optim.Adam, 'adamw': torch.optim.AdamW}
@@ -390,3 +390,33 @@ def class_probabilities(model: nn.Module, dl, hflip: bool = False, precision: st
             probs.append(p.cpu())
             if yb is not None: targets.append(torch.as_tensor(yb).cpu().as_subclass(torch.Tensor))
     return torch.cat(probs), (torch.cat(targets) if targets else None)
+
+# %% ../nbs/08_learner.ipynb #d87bed04
+def feature_dataloaders(train: tuple, valid: tuple, bs: int = 32, device=None):
+    "fastai DataLoaders of (frame features (T, D), label): `train` and `valid` are (features (n, T, D), labels (n,))."
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    def items(xy, name):
+        x, y = xy; y = torch.as_tensor(np.asarray(y), dtype=torch.long)
+        if len(x) != len(y): raise ValueError(f"{name}: {len(x)} feature rows but {len(y)} labels")
+        return list(zip(torch.as_tensor(x, dtype=torch.float32), y))
+    return DataLoaders(DataLoader(items(train, 'train'), bs=bs, shuffle=True), DataLoader(items(valid, 'valid'), bs=max(bs, 64)), device=device)
+
+# %% ../nbs/08_learner.ipynb #ea13c322
+class BestInMemory(Callback):
+    "Keep the trainable parameters of the best epoch on `monitor` (validation) in memory; `restore()` puts them back."
+    order = 61   # after the Recorder has the epoch's validation metrics
+    def __init__(self, monitor: str = 'valid_loss'): self.monitor, self.best, self.best_epoch, self.state = monitor, None, None, None
+    def after_epoch(self):
+        names = list(self.learn.recorder.metric_names[1:])
+        if self.monitor not in names: raise ValueError(f"monitor {self.monitor!r} is not a recorded metric: {names}")
+        v = float(self.learn.recorder.log[1:][names.index(self.monitor)])
+        if self.best is None or (v < self.best if 'loss' in self.monitor else v > self.best):
+            self.best, self.best_epoch = v, self.epoch
+            self.state = {n: p.detach().clone() for n, p in self.learn.model.named_parameters() if p.requires_grad}
+    def restore(self) -> dict:
+        if self.state is None: raise RuntimeError("no epoch has finished: there is nothing to restore")
+        with torch.no_grad():
+            for n, p in self.learn.model.named_parameters():
+                if n in self.state: p.copy_(self.state[n])
+        return dict(epoch=self.best_epoch, value=self.best, monitor=self.monitor)

@@ -21,7 +21,7 @@ from .encoders import ClipEncoder
 from .losses import cosine_logits
 from .learner import TrainConfig, make_learner, fit, load_best
 from .evaluate import write_report, evaluate_predictions
-from .dferclip import feature_dataloaders, BestInMemory
+from .learner import feature_dataloaders, BestInMemory
 
 # %% auto #0
 __all__ = ['TOO_LONG', 'LAMBDA_MODES', 'NEGATIVES', 'MLPER_LR', 'MLPER_BATCH_SIZE', 'MLPER_EPOCHS', 'MLPER_SIZE',

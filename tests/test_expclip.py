@@ -12,7 +12,7 @@ from emonb.core import label_set
 from emonb.prompts import expclip_prompts
 from emonb.expclip import (ExpCLIP, ExpCLIPLoss, ExpCLIPProjection, EXPCLIP_RECIPE, FunctionTeacher, class_text_features,
                            clip_video_features, evaluate_expclip, load_projection, save_projection, teacher_targets,
-                           train_projection, zero_shot_logits, DescriptionTeacher, clip_image_features,
+                           train_projection, projected_logits, DescriptionTeacher, clip_image_features,
                            expclip_options, expclip_config, expclip_transform, expclip_scale, expclip_frame_indices,
                            expclip_text_features, SquashResize, read_rgb, BLIP2FlanT5Teacher, PROMPT_KINDS)
 from emonb.synth import SyntheticWorld, WorldDescriber, write_dataset
@@ -64,8 +64,8 @@ def test_raw_images_match_cached_features(clip, tmp_path):
     model = ExpCLIP(clip, ExpCLIPProjection(clip.embed_dim, 8))
     images = torch.stack([model.transform(world.render_face(s, clip.image_size)) for s in scenes])
     frames = torch.stack([torch.stack([model.transform(f) for f in world.render_clip(s, 4, size=clip.image_size)]) for s in scenes[:2]])
-    torch.testing.assert_close(model(images, texts), zero_shot_logits(feats, texts, model.projection, model.scale), atol=1e-3, rtol=1e-4)
-    torch.testing.assert_close(model(frames, texts), zero_shot_logits(clips, texts, model.projection, model.scale), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(model(images, texts), projected_logits(feats, texts, model.projection, model.scale), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(model(frames, texts), projected_logits(clips, texts, model.projection, model.scale), atol=1e-3, rtol=1e-4)
     assert model.scale == expclip_scale(clip) != 100.
     with pytest.raises(ValueError, match='maps 7-d embeddings'): ExpCLIP(clip, ExpCLIPProjection(7, 8))
 
@@ -197,7 +197,7 @@ def test_official_projection_file_and_zero_shot_logits(clip224, files, tmp_path)
                 txt = cm.encode_text(clip224.tokenizer(flat)).float() @ W.T
                 txt = txt / txt.norm(dim=-1, keepdim=True)
                 literal = (cm.logit_scale.exp() * img @ txt.t()).view(n, -1, len(flat) // len(names)).mean(-1)   # test.py
-                ours = zero_shot_logits(feats, tf[kind], P, scale)
+                ours = projected_logits(feats, tf[kind], P, scale)
                 assert (literal - ours).abs().max() <= 1e-5, (ls, kind, (literal - ours).abs().max())
                 if video and kind == 'ensemble10': video_pred = literal.argmax(1).numpy()
     table = evaluate_expclip(clip224, P, files['clips'], 'dfew', n_frames=16, cache=cache)
