@@ -14,7 +14,7 @@ from .core import atomic_write_json
 # %% auto #0
 __all__ = ['RESULT_NAME', 'KINDS', 'TARGETS', 'benchmark_dir', 'device_slug', 'result_name', 'parse_result_name', 'latest_result',
            'result_device', 'result_tables', 'load_benchmarks', 'Target', 'check_targets', 'format_targets',
-           'speedup_table', 'load_script', 'run_script']
+           'speedup_table', 'load_script', 'run_script', 'time_step']
 
 # %% ../nbs/21_benchmarks.ipynb #bdcd967d
 RESULT_NAME = re.compile(r'^(?P<script>[A-Za-z0-9_]+)-(?P<device>[A-Za-z0-9_]+)-(?P<date>\d{4}-\d{2}-\d{2})\.json$')
@@ -273,3 +273,18 @@ def run_script(name: str, *args, root, threads: int = None, save: bool = False, 
         atomic_write_json(dest, data)
         print(f"saved {dest}")
     return data
+
+# %% ../nbs/21_benchmarks.ipynb #991f7d61
+def time_step(step, device, steps: int, warmup: int) -> dict:
+    "ms per call of `step()` (after `warmup` calls, synchronised), the peak CUDA memory of the timed calls (GiB; NaN on a CPU) and the last call's result as `loss`."
+    import time, torch
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    for _ in range(warmup): step()
+    sync()
+    if device.type == 'cuda': torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(steps): loss = step()
+    sync(); dt = (time.perf_counter() - t) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else float('nan')
+    return dict(ms_per_step=1e3 * dt, peak_gib=peak, loss=float(loss))

@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 
+from emonb.benchmarks import time_step
+
+
 def _sync(device):
     if device.type == 'cuda': torch.cuda.synchronize()
 
@@ -47,17 +50,11 @@ def bench_dferclip(variant: str, device, bs: int, n_frames: int, model_name: str
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         return loss
 
-    for _ in range(warmup): step()
-    _sync(device)
-    if device.type == 'cuda': torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(steps): loss = step()
-    _sync(device); dt = (time.perf_counter() - t) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else float('nan')
+    r = time_step(step, device, steps, warmup); dt, peak = r['ms_per_step'] / 1e3, r['peak_gib']
     del model, opt, x, fwd
     if device.type == 'cuda': torch.cuda.empty_cache()
     return dict(variant=variant, ms_per_step=1e3 * dt, clips_per_s=bs / dt, frames_per_s=bs * n_frames / dt,
-                peak_gib=peak, loss=loss.item())
+                peak_gib=peak, loss=r['loss'])
 
 
 def bench_expclip(device, n: int, d_clip: int, d_teacher: int, epochs: int) -> dict:

@@ -31,20 +31,7 @@ KEFER_VARIANTS = 'fp32,bf16,bf16+cl,bf16+cl+compile'
 MLPER_VARIANTS = 'fp32,bf16,bf16+compile'
 
 
-def _sync(device):
-    if device.type == 'cuda': torch.cuda.synchronize()
-
-
-def time_step(step, device, steps: int, warmup: int) -> dict:
-    "ms per call of `step()` (after `warmup` calls, synchronised) and the peak CUDA memory of the timed calls (GiB; NaN on CPU)."
-    for _ in range(warmup): step()
-    _sync(device)
-    if device.type == 'cuda': torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(steps): loss = step()
-    _sync(device); dt = (time.perf_counter() - t) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else float('nan')
-    return dict(ms_per_step=1e3 * dt, peak_gib=peak, loss=float(loss))
+from emonb.benchmarks import time_step
 
 
 def _flags(variant: str) -> tuple:
