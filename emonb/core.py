@@ -19,7 +19,7 @@ __all__ = ['ADJECTIVES', 'SYNONYMS', 'EMOTIONS', 'LEVELS', 'LABEL_SETS', 'IMAGE_
            'check_variant', 'is_main_process', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
            'output_manifest', 'check_output_dir', 'prepare_output_dir', 'record_outputs', 'records_outputs',
            'resuming_runs', 'resume_requested', 'check_output_disjoint', 'emonb_home', 'cache_dir', 'shared_data_dir',
-           'emonb_paths', 'image_to_8bit', 'eight_bit_rule']
+           'prompt_cache_dir', 'emonb_paths', 'image_to_8bit', 'eight_bit_rule']
 
 # %% ../nbs/00_core.ipynb #ad084668
 ADJECTIVES = {
@@ -582,10 +582,18 @@ def shared_data_dir(required: bool = False) -> Path | None:
                                 "detectors/ and images/ (by default emonb looks for ../shared/data beside the repository)")
     return None
 
+# %% ../nbs/00_core.ipynb #34b52e89
+def prompt_cache_dir() -> Path:
+    "`$EMONB_PROMPT_CACHE`, else the repository's prompt_cache/ (editable install), else `emonb.core.cache_dir('prompt_cache')`."
+    env = os.environ.get('EMONB_PROMPT_CACHE')
+    if env: return Path(env).expanduser()
+    repo = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path.cwd().parent
+    if (repo/'settings.ini').exists() and (repo/'prompt_cache').is_dir(): return repo/'prompt_cache'
+    return cache_dir('prompt_cache')
+
 # %% ../nbs/00_core.ipynb #ec7144d2
 def emonb_paths() -> dict:
     "What emonb's folders resolve to here: variable -> (its value or None, the folder used)."
-    from emonb.prompts import prompt_cache_dir
     used = {'EMONB_HOME': emonb_home(), 'EMONB_CACHE_DIR': cache_dir(''), 'EMONB_PROMPT_CACHE': prompt_cache_dir(),
             'EMONB_SHARED_DATA': shared_data_dir()}
     return {k: (os.environ.get(k), used[k]) for k in PATH_VARIABLES}

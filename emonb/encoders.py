@@ -19,7 +19,7 @@ __all__ = ['CLIP_ACTIVATIONS', 'ENCODER_HEADS', 'RESNET_STEMS', 'model_config_di
            'config_activation', 'clip_config_name', 'ClipEncoder', 'PromptLearner', 'TemporalBlock',
            'TemporalTransformer', 'TimmImageEncoder', 'minilm_path', 'HFTextEncoder', 'face_embedding_head',
            'resnet_encoder', 'encoder_head', 'weights_fingerprint', 'default_device', 'FeatureCache',
-           'benchmark_image_encoder', 'benchmark_feature_cache', 'CamLevel', 'default_layer']
+           'benchmark_image_encoder', 'benchmark_feature_cache', 'CamLevel', 'default_layer', 'ClipImageTower']
 
 # %% ../nbs/05_encoders.ipynb #1f798545
 def model_config_dir() -> Path:
@@ -624,3 +624,13 @@ def default_layer(model: nn.Module) -> nn.Module:
     convs = [n for n, c in m.named_modules() if isinstance(c, nn.Conv2d)]
     raise ValueError(f"no default Grad-CAM layer for {type(m).__name__}: pass layer= (a module of the model or its name"
                      + (f", e.g. {convs[-1]!r}, its last Conv2d)" if convs else ")"))
+
+# %% ../nbs/05_encoders.ipynb #b247257a
+class ClipImageTower(nn.Module):
+    "The image tower of a `ClipEncoder` as a plain visual encoder: images -> un-normalised embeddings; its text tower is frozen."
+    def __init__(self, clip: ClipEncoder):
+        super().__init__()
+        self.clip = clip.freeze(image=False, text=True)
+        self.embed_dim, self.name = clip.embed_dim, f"{clip.name or 'CLIP'} image tower"
+    def forward(self, x): return self.clip.encode_image(x, normalize=False)
+    def cam_layer(self) -> nn.Module: return default_layer(self.clip)

@@ -24,7 +24,7 @@ from fastai.losses import CrossEntropyLossFlat
 from .core import LabelSet, label_set, war_metric, uar_metric, prepare_output_dir, check_variant, VARIANTS, records_outputs
 from .data import image_dataloaders, split_dataloader, train_val_rows, target_block, normalization, load_image
 from .prompts import kefer_prompts, KEFER_DEFAULT
-from .encoders import ClipEncoder, TimmImageEncoder, HFTextEncoder
+from .encoders import ClipEncoder, TimmImageEncoder, HFTextEncoder, ClipImageTower
 from .encoders import ENCODER_HEADS, RESNET_STEMS, face_embedding_head, resnet_encoder, encoder_head
 from .losses import cosine_logits, KeferLoss, KEFER_LOSS_VARIANTS
 from .learner import TrainConfig, make_learner, fit, load_best
@@ -32,9 +32,9 @@ from .evaluate import write_report
 
 # %% auto #0
 __all__ = ['KEFER_OFFICIAL_TEMPLATE', 'KEFER_OFFICIAL_AUGMENT', 'KEFER_VARIANTS', 'KEFER_BATCH_SIZE', 'KEFER_LR_STEPS',
-           'kefer_variant', 'kefer_texts', 'clip_temperature', 'text_prototypes', 'ClipImageTower', 'KeferModel',
-           'Float32Loss', 'kefer_config', 'kefer_official_lr', 'EpochwiseLR', 'lr_step_callbacks', 'PadRandomCrop',
-           'TorchFlip', 'erasing_box', 'ZeroErasing', 'kefer_official_transforms', 'kefer_dataloaders', 'train_kefer',
+           'kefer_variant', 'kefer_texts', 'clip_temperature', 'text_prototypes', 'KeferModel', 'Float32Loss',
+           'kefer_config', 'kefer_official_lr', 'EpochwiseLR', 'lr_step_callbacks', 'PadRandomCrop', 'TorchFlip',
+           'erasing_box', 'ZeroErasing', 'kefer_official_transforms', 'kefer_dataloaders', 'train_kefer',
            'train_classifier', 'build_kefer', 'kefer_from_run', 'fit_face_method', 'kefer_recipe', 'fer2013_subset']
 
 # %% ../nbs/10_kefer.ipynb #5f72ceaa
@@ -85,15 +85,6 @@ def text_prototypes(labels, text_encoder, template: str | int | None = None, wor
     e = e if e.dtype == torch.float64 else e.float()
     if e.ndim != 2 or len(e) != len(texts): raise ValueError(f"the text encoder returned shape {tuple(e.shape)} for {len(texts)} prompts")
     return F.normalize(e, dim=-1) if normalize else e
-
-# %% ../nbs/10_kefer.ipynb #b247257a
-class ClipImageTower(nn.Module):
-    "The image tower of a `ClipEncoder` as a plain visual encoder: images -> un-normalised embeddings; its text tower is frozen."
-    def __init__(self, clip: ClipEncoder):
-        super().__init__()
-        self.clip = clip.freeze(image=False, text=True)
-        self.embed_dim, self.name = clip.embed_dim, f"{clip.name or 'CLIP'} image tower"
-    def forward(self, x): return self.clip.encode_image(x, normalize=False)
 
 # %% ../nbs/10_kefer.ipynb #83f073b4
 class KeferModel(nn.Module):
@@ -427,8 +418,6 @@ from fastcore.basics import patch
 from .encoders import default_layer
 @patch
 def cam_layer(self: KeferModel) -> nn.Module: return default_layer(self.visual)
-@patch
-def cam_layer(self: ClipImageTower) -> nn.Module: return default_layer(self.clip)
 @patch
 def class_scores(self: KeferModel, out):
     "The cosine logits of the pair (v, n) the forward returns (for `emonb.learner.ClassScores`)."

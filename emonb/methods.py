@@ -121,7 +121,7 @@ def build_visual(visual: dict) -> nn.Module:
         from emonb.encoders import resnet_encoder
         return resnet_encoder(**v)
     if kind == 'clip':
-        from emonb.kefer import ClipImageTower
+        from emonb.encoders import ClipImageTower
         return ClipImageTower(random_clip(v['name']))
     raise ValueError(f"visual encoder kind must be 'timm' or 'clip', got {kind!r} in {visual}")
 

@@ -13,7 +13,7 @@ import os, re, json, math, time, hashlib, datetime, threading, contextlib
 import pandas as pd
 import emonb
 from .core import LabelSet, label_set, canonical_name, ADJECTIVES, LEVELS, atomic_write_json
-from .core import cache_dir
+from .core import cache_dir, prompt_cache_dir
 
 # %% auto #0
 __all__ = ['PLACEHOLDERS', 'MLPER_QUESTIONS', 'MLPER_LEVEL_CODES', 'MLPER_TABLE1', 'MLPER_COMPOSITE', 'MLPER_EXAMPLE',
@@ -24,11 +24,11 @@ __all__ = ['PLACEHOLDERS', 'MLPER_QUESTIONS', 'MLPER_LEVEL_CODES', 'MLPER_TABLE1
            'PUBLISHED_MODELS', 'METHODS', 'LLM_METHODS', 'class_names', 'fill_template', 'mlper_question',
            'mlper_composite', 'dferclip_question', 'combine_descriptors', 'canonical_json', 'request_key',
            'PromptRequest', 'chat_request', 'parse_descriptors', 'PromptError', 'PromptCacheMiss', 'CorruptCacheEntry',
-           'PromptCacheBusy', 'LLMRequestError', 'prompt_cache_dir', 'validate_entry', 'read_entry', 'make_entry',
-           'PromptCache', 'as_cache', 'template_set_request', 'published_entries', 'write_published', 'check_published',
-           'LLMSettings', 'llm_settings', 'LLMClient', 'canned_answer', 'FakeChatServer', 'ask_all', 'ask',
-           'method_name', 'PromptSet', 'llm_requests', 'mlper_prompts', 'dferclip_prompts', 'expclip_prompts',
-           'kefer_prompts', 'cocoer_prompts', 'method_prompts', 'prompts_build', 'prompts_show']
+           'PromptCacheBusy', 'LLMRequestError', 'validate_entry', 'read_entry', 'make_entry', 'PromptCache',
+           'as_cache', 'template_set_request', 'published_entries', 'write_published', 'check_published', 'LLMSettings',
+           'llm_settings', 'LLMClient', 'canned_answer', 'FakeChatServer', 'ask_all', 'ask', 'method_name', 'PromptSet',
+           'llm_requests', 'mlper_prompts', 'dferclip_prompts', 'expclip_prompts', 'kefer_prompts', 'cocoer_prompts',
+           'method_prompts', 'prompts_build', 'prompts_show']
 
 # %% ../nbs/03_prompts.ipynb #862f6f98
 def class_names(labels) -> tuple:
@@ -326,15 +326,6 @@ class PromptCacheBusy(PromptError, TimeoutError):
 # %% ../nbs/03_prompts.ipynb #ec1c577e
 class LLMRequestError(PromptError, RuntimeError):
     "An LLM endpoint failed to answer (error status, timeout, no connection, empty answer)."
-
-# %% ../nbs/03_prompts.ipynb #079b80c3
-def prompt_cache_dir() -> Path:
-    "`$EMONB_PROMPT_CACHE`, else the repository's prompt_cache/ (editable install), else `emonb.core.cache_dir('prompt_cache')`."
-    env = os.environ.get('EMONB_PROMPT_CACHE')
-    if env: return Path(env).expanduser()
-    repo = Path(emonb.__file__).resolve().parent.parent
-    if (repo/'settings.ini').exists() and (repo/'prompt_cache').is_dir(): return repo/'prompt_cache'
-    return cache_dir('prompt_cache')
 
 # %% ../nbs/03_prompts.ipynb #130b138b
 _ENTRY_FIELDS = {'schema': str, 'key': str, 'request': dict, 'answer': str, 'parsed': (list, dict), 'model': str,
