@@ -149,9 +149,20 @@ def _load_state(model: nn.Module, sd: dict, where: str, external=()):
                          f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
 
 # %% ../nbs/16_bundles.ipynb #cb6d9b77
-def save_bundle(model: nn.Module, path, method: str, labels, arch: dict, input: dict, info: dict | None = None,
-                dtype: torch.dtype | None = None, overwrite: bool = False, verify: bool = True, output: str | None = None,
-                external_keys=()) -> Path:
+def save_bundle(
+    model: nn.Module, # the trained network
+    path, # the .safetensors file to write
+    method: str, # its registered method (`emonb.methods`): how to rebuild it
+    labels, # its classes: a label set name, a `LabelSet`, or class names in output order
+    arch: dict, # the keyword arguments of the method's `build` that make this network
+    input: dict, # how to feed it (`emonb.methods.input_spec`)
+    info: dict | None = None, # free record: the training run, metrics, data
+    dtype: torch.dtype | None = None, # store floating-point tensors in this dtype (e.g. torch.float16)
+    overwrite: bool = False, # replace an existing file
+    verify: bool = True, # rebuild the network from the header, load the tensors strictly and run a dummy batch first
+    output: str | None = None, # 'softmax' or 'sigmoid' (default: the method's)
+    external_keys=() # tensors left out of the file (a pretrained CLIP's, loaded from its own file)
+) -> Path: # the bundle file
     "Write `model` as a single-file model bundle (safetensors + JSON header); verify that it rebuilds first."
     spec, ls, path = method_spec(method), _as_label_set(labels), Path(path).expanduser()
     if path.suffix != '.safetensors': raise ValueError(f"a model bundle is a .safetensors file, got {path}")
@@ -258,7 +269,12 @@ def bundle_header(weights) -> dict:
     return header
 
 # %% ../nbs/16_bundles.ipynb #0ea88548
-def load_bundle(weights, device='cpu', method: str | None = None, clip_weights=None) -> Bundle:
+def load_bundle(
+    weights, # a bundle file, or the name of one in `weights_dir()`
+    device='cpu', # where to put the network
+    method: str | None = None, # the method the caller expects (an error if the file holds another)
+    clip_weights=None # the local file of a CLIP the bundle left out (where it is on this machine)
+) -> Bundle: # the network in eval mode, its method, labels, input description and header
     "Load a model bundle (a path, or a name in `weights_dir()`); `method` checks what it holds; `clip_weights` relocates the file of a CLIP kept outside the bundle."
     path = resolve_weights(weights)
     h = bundle_header(path)

@@ -173,8 +173,17 @@ def _first_tensor(o):
     raise TypeError(f"Grad-CAM needs a layer whose output is a tensor, got {type(o).__name__}")
 
 # %% ../nbs/17_gradcam.ipynb #2ac08784
-def grad_cam(model: nn.Module, *inputs, levels=None, layer=None, target=None, method: str = 'gradcam', input: int = 0,
-             batch_first: bool = None, prefix_tokens: int = None) -> GradCAM:
+def grad_cam(
+    model: nn.Module, # any emonb network (or a fastai Learner), or a CNN / ViT
+    *inputs, # one batch of its forward inputs
+    levels=None, # the levels to explain (default all: `cam_levels`), e.g. 'face' or ['head', 'context']
+    layer=None, # a module of the model or its dotted name (default: `emonb.encoders.default_layer`)
+    target=None, # the class explained: None (the predicted one), an index, a name, or one per sample
+    method: str = 'gradcam', # 'gradcam' or 'hirescam'
+    input: int = 0, # with `layer`: the forward input whose image the map is drawn on
+    batch_first: bool = None, # ViT tokens: (B, N, D) or (N, B, D) (default: read from the layer)
+    prefix_tokens: int = None # ViT tokens before the patches (default: from the grid shape)
+) -> GradCAM: # maps (B, H, W) in [0, 1] per level, with their images and the explained classes
     "Grad-CAM maps of the class scores of `model` on one batch `inputs`, for its `levels` (default all; see cam_levels) or a `layer` (a module or its name; with `levels`: that layer for those levels)."
     model = getattr(model, 'model', model) if type(model).__name__ == 'Learner' else model
     if method not in CAM_METHODS: raise ValueError(f"method must be one of {CAM_METHODS}, got {method!r}")

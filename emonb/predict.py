@@ -141,8 +141,17 @@ def default_model_path() -> Path:
     return packaged_file(FER2013_MODEL)
 
 # %% ../nbs/16b_predict.ipynb #a373de50
-def make_predictor(method='default', weights=None, labels=None, device='auto', clip_model: str | None = None,
-                   prompts='ensemble10', ensemble: str = 'logits', clip_weights=None, clip_activation: str | None = None) -> Predictor:
+def make_predictor(
+    method='default', # 'default' (shipped FER2013 model), 'zeroshot', 'bundle', a registered method, a `Predictor` or a `Bundle`
+    weights=None, # a bundle file or name (a CLIP weights file for 'zeroshot' with `clip_model`)
+    labels=None, # 'zeroshot': the label set (default 'basic7')
+    device='auto', # 'auto' (CUDA when available), 'cpu', 'cuda', ...
+    clip_model: str | None = None, # 'zeroshot': an open_clip model name (default the world CLIP)
+    prompts='ensemble10', # 'zeroshot': a prompt set, a template or a list of templates
+    ensemble: str = 'logits', # 'zeroshot': average the templates' 'logits' (Exp-CLIP's code) or their 'embedding's (CLIP)
+    clip_weights=None, # a bundle that left its CLIP out: that CLIP's local file
+    clip_activation: str | None = None # 'zeroshot' with `clip_model`: 'quickgelu' or 'gelu'
+) -> Predictor:
     "A `Predictor`: emonb's shipped FER2013 model (`method='default'`), zero-shot CLIP (`'zeroshot'`) or a trained model from a bundle (`'bundle'` or its method name)."
     if isinstance(method, Predictor): return method
     if isinstance(method, Bundle): return BundlePredictor(method, resolve_device(device))
