@@ -710,7 +710,7 @@ def train_cocoer(df: pd.DataFrame, out, clip: ClipEncoder = None, labels=None, m
     normalize = normalize or COCOER_NORMALIZE[variant]
     if model not in ('cocoer',) + LEVEL_NAMES: raise ValueError(f"model must be 'cocoer' or one of {LEVEL_NAMES}, got {model!r}")
     if model == 'cocoer' and clip is None:
-        raise ValueError("CocoER's V-I module needs a CLIP: pass clip= (emonb.worldclip.world_clip_encoder() for the synthetic world, a real CLIP for real data)")
+        raise ValueError("CocoER's V-I module needs a CLIP: pass clip= (emonb.synth_clip.world_clip_encoder() for the synthetic world, a real CLIP for real data)")
     if select not in ('best', 'last'): raise ValueError(f"select must be 'best' (best validation epoch) or 'last', got {select!r}")
     if select == 'best' and not config.checkpoint: raise ValueError("select='best' needs config.checkpoint=True")
     if 'split' not in df.columns or not (df.split == 'test').any(): raise ValueError("the sample table has no 'test' rows to evaluate on")

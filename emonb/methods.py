@@ -175,7 +175,7 @@ def random_clip(name: str) -> ClipEncoder:
 def clip_source(clip, weights=None, in_bundle: bool = True) -> dict:
     "The `arch['clip']` of a bundle: the open_clip config of `clip` (a ClipEncoder or a name), its activation, where its pretrained weights are ('world' or a file), whether the bundle holds them."
     from emonb.encoders import ClipEncoder, config_activation
-    from emonb.worldclip import WORLD_CLIP
+    from emonb.synth_clip import WORLD_CLIP
     name = clip.name if isinstance(clip, ClipEncoder) else str(clip)
     activation = clip.activation if isinstance(clip, ClipEncoder) else config_activation(name)
     if not name: raise ValueError("the ClipEncoder has no name (its open_clip config): pass clip_source('ViT-B-16', ...)")
@@ -188,7 +188,7 @@ def clip_source(clip, weights=None, in_bundle: bool = True) -> dict:
 def load_clip_source(clip: dict, device='cpu') -> ClipEncoder:
     "The pretrained CLIP a bundle names (`arch['clip']`), from local files only; the error names the exact file missing."
     from emonb.encoders import ClipEncoder, config_activation
-    from emonb.worldclip import world_clip_encoder, world_clip_path
+    from emonb.synth_clip import world_clip_encoder, world_clip_path
     name, w = clip['name'], clip.get('weights')
     if w == 'world':
         f = world_clip_path()

@@ -168,7 +168,7 @@ def make_predictor(
                                  "(e.g. clip_model='ViT-B-16'); without both, the synthetic world's CLIP shipped with emonb is used")
             warnings.warn("zero-shot with the synthetic world's CLIP: it knows only the synthetic world and is at chance on real photos; "
                           "for real faces use the default model (method='default') or a real CLIP (clip_model=, weights=)", WorldModelWarning)
-            from emonb.worldclip import world_clip_encoder
+            from emonb.synth_clip import world_clip_encoder
             clip = world_clip_encoder(dev)
         else:
             if weights is None:

@@ -87,7 +87,7 @@ def compare_methods(out, seed: int = 0, methods=COMPARED_METHODS, n_faces: int =
     "Train each method of `methods` briefly on the synthetic world (with its CLIP) and test it once; write `out`; return the comparison table. `verbose` prints a line when each method starts and ends, and the trainers' epoch tables and time-left lines."
     from emonb.synth import SyntheticWorld, write_dataset, world_table
     from emonb.data import read_rafdb, read_dfew
-    from emonb.worldclip import world_clip_encoder
+    from emonb.synth_clip import world_clip_encoder
     from emonb.train import train
     from emonb.predict import evaluate_dataset
     from emonb.dferclip import dferclip_config

@@ -13,7 +13,7 @@ import torch
 from .core import label_set, LABEL_SETS, TABLE_COLUMNS, table_schema, canonical_name, emonb_home, atomic_write_text, prepare_output_dir, atomic_write_bytes, atomic_write_json, is_main_process, VARIANTS, check_variant, records_outputs
 from .data import IMAGE_EXTS, DataError, ProblemReport, check_images, check_frames, read_dfew, read_mafw, read_ferv39k, read_afew, read_emotic, split_validation, parse_box
 from .encoders import ClipEncoder, HFTextEncoder
-from .worldclip import world_clip_encoder
+from .synth_clip import world_clip_encoder
 from .learner import TrainConfig
 from .methods import method_spec, registered_methods
 from .cache import small_image_dataloaders

@@ -21,7 +21,7 @@ from emonb.cocoer import CocoER, CocoerLoss, random_batch, benchmark_cocoer_step
 def build(args, device):
     from emonb.encoders import ClipEncoder
     if args.clip == 'world':
-        from emonb.worldclip import world_clip_encoder
+        from emonb.synth_clip import world_clip_encoder
         clip = world_clip_encoder(device=device)
     else: clip = ClipEncoder.from_pretrained(args.clip, device=device)
     labels, multi_label = ('emotic', True) if args.dataset == 'emotic' else ('caer_s', False)

@@ -16,7 +16,7 @@ from emonb.expclip import (ExpCLIP, ExpCLIPLoss, ExpCLIPProjection, EXPCLIP_RECI
                            expclip_options, expclip_config, expclip_transform, expclip_scale, expclip_frame_indices,
                            expclip_text_features, SquashResize, read_rgb, BLIP2FlanT5Teacher, PROMPT_KINDS)
 from emonb.synth import SyntheticWorld, WorldDescriber, write_dataset
-from emonb.worldclip import world_image_features
+from emonb.synth_clip import world_image_features
 from emonb.data import read_dfew, read_rafdb
 
 

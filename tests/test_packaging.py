@@ -74,7 +74,7 @@ def test_experiment_notebooks_export_nothing():
             assert not re.match(r'#\|\s*(default_exp|export|exports)\b', src(c)), f"{nb.name}: experiment notebooks export nothing"
 
 def nb_number(nb) -> tuple:
-    "(number, letter) of a notebook name like 05a_worldclip.ipynb, for ordering"
+    "(number, letter) of a notebook name like 05a_synth_clip.ipynb, for ordering"
     m = re.match(r'(\d\d)([a-z]?)_', nb.name)
     return int(m.group(1)), m.group(2)
 

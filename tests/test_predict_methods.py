@@ -9,7 +9,7 @@ from emonb.core import label_set, LEVELS
 from emonb.crops import BoxDetector, shared_data_dir, DETECTOR_FILES
 from emonb.data import parse_box, read_dfew, read_rafdb
 from emonb.synth import SyntheticWorld, write_dataset
-from emonb.worldclip import world_clip_encoder
+from emonb.synth_clip import world_clip_encoder
 from emonb.learner import TrainConfig
 from emonb.methods import METHODS
 from emonb.runs import bundle_from_run, run_checkpoint, labels_of_classes

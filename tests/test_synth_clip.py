@@ -1,4 +1,4 @@
-"emonb.worldclip: the packaged world CLIP checkpoint ships in the wheel, loads offline, embeds, and classifies zero-shot above chance."
+"emonb.synth_clip: the packaged world CLIP checkpoint ships in the wheel, loads offline, embeds, and classifies zero-shot above chance."
 import json, os, shutil, subprocess, sys
 from pathlib import Path
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 
 import emonb
 from emonb.core import label_set
-from emonb.worldclip import (WORLD_CLIP, FACE_PROMPT, world_clip_path, world_clip_info, load_world_clip, world_clip_encoder,
+from emonb.synth_clip import (WORLD_CLIP, FACE_PROMPT, world_clip_path, world_clip_info, load_world_clip, world_clip_encoder,
                              world_eval_set, encode_images, encode_texts, zero_shot_accuracy, face_caption)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +22,7 @@ def world_clip():
 def test_checkpoint_is_package_data():
     p = world_clip_path()
     assert p.name == 'world_clip.safetensors' and p.parent == Path(emonb.__file__).parent / 'weights'
-    assert p.exists(), f"{p} is missing: run the slow cell of nbs/05a_worldclip.ipynb"
+    assert p.exists(), f"{p} is missing: run the slow cell of nbs/05a_synth_clip.ipynb"
     assert p.stat().st_size < 15e6
     info = world_clip_info()
     assert info['config'] == WORLD_CLIP and info['dtype'] == 'float16'
@@ -35,7 +35,7 @@ def test_loads_from_an_installed_wheel(tmp_path):
     site = install_into_bare_folder(tmp_path)
     assert (site / 'emonb' / 'weights' / 'world_clip.safetensors').exists()
     assert (site / 'emonb' / 'model_configs' / 'emonb-world-clip.json').exists()
-    code = ("import emonb, emonb.worldclip as W, torch; m, pre, tok = W.load_world_clip(); "
+    code = ("import emonb, emonb.synth_clip as W, torch; m, pre, tok = W.load_world_clip(); "
             "t = m.encode_text(tok(['a happy face']), normalize=True); "
             "print(emonb.__file__); print(W.world_clip_path()); print(tuple(t.shape), round(float(t.norm()), 4))")
     env = {**os.environ, 'PYTHONPATH': str(site), 'HF_HUB_OFFLINE': '1'}
