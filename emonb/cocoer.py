@@ -27,6 +27,7 @@ from .qp import solve_simplex_qp
 from .cache import build_level_cache, cached_multilevel_dataloaders
 from .learner import TrainConfig, make_learner, fit, load_best
 from .evaluate import write_report, write_multilabel_report
+from .learner import ClassScores, class_probabilities, batch_inputs
 
 # %% auto #0
 __all__ = ['LEVEL_NAMES', 'LEVEL_LOSSES', 'COORDINATIONS', 'POSITION_SAMPLING', 'FFN_ACTIVATIONS', 'COCOER_TEMPLATE', 'VI_INPUTS',
@@ -38,9 +39,6 @@ __all__ = ['LEVEL_NAMES', 'LEVEL_LOSSES', 'COORDINATIONS', 'POSITION_SAMPLING', 
            'cocoer_dataloaders', 'cocoer_config', 'cocoer_outputs', 'elimination_report', 'conflict_breakdown',
            'dls_normalization', 'train_cocoer', 'build_cocoer', 'cocoer_from_run', 'cocoer_recipe', 'fit_cocoer',
            'benchmark_cocoer_step']
-
-# %% ../nbs/14_cocoer.ipynb #a5d255b3
-from .learner import ClassScores, class_probabilities, batch_inputs
 
 # %% ../nbs/14_cocoer.ipynb #87289130
 LEVEL_NAMES = ('head', 'body', 'context')          # the workspace's levels, in this order (index 0, 1, 2)

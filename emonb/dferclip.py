@@ -21,15 +21,13 @@ from .encoders import ClipEncoder, PromptLearner, TemporalTransformer
 from .losses import cosine_logits
 from .learner import TrainConfig, make_learner, fit, load_best
 from .evaluate import write_report, evaluate_predictions
+from .learner import feature_dataloaders, BestInMemory
 
 # %% auto #0
 __all__ = ['PROMPT_KINDS', 'DFERCLIP_TEMPORAL', 'DFERCLIP_LRS', 'DFERCLIP_BATCH_SIZE', 'DFERCLIP_SELECTION', 'DFERCLIP_INPUTS',
            'dferclip_texts', 'DFERCLIP', 'dferclip_param_groups', 'dferclip_splitter', 'dferclip_config',
            'dferclip_augment', 'train_dferclip', 'build_dferclip', 'dferclip_after_load', 'dferclip_from_run',
            'dferclip_recipe', 'fit_dferclip', 'encode_frames', 'train_on_features']
-
-# %% ../nbs/11_dferclip.ipynb #bee2b23e
-from .learner import feature_dataloaders, BestInMemory
 
 # %% ../nbs/11_dferclip.ipynb #22e1a8fa
 PROMPT_KINDS = ('description', 'name', 'expression')

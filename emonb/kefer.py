@@ -29,6 +29,7 @@ from .encoders import ENCODER_HEADS, RESNET_STEMS, face_embedding_head, resnet_e
 from .losses import cosine_logits, KeferLoss, KEFER_LOSS_VARIANTS
 from .learner import TrainConfig, make_learner, fit, load_best
 from .evaluate import write_report
+from .learner import ClassScores, class_probabilities, batch_inputs
 
 # %% auto #0
 __all__ = ['KEFER_OFFICIAL_TEMPLATE', 'KEFER_OFFICIAL_AUGMENT', 'KEFER_VARIANTS', 'KEFER_BATCH_SIZE', 'KEFER_LR_STEPS',
@@ -36,9 +37,6 @@ __all__ = ['KEFER_OFFICIAL_TEMPLATE', 'KEFER_OFFICIAL_AUGMENT', 'KEFER_VARIANTS'
            'kefer_config', 'kefer_official_lr', 'EpochwiseLR', 'lr_step_callbacks', 'PadRandomCrop', 'TorchFlip',
            'erasing_box', 'ZeroErasing', 'kefer_official_transforms', 'kefer_dataloaders', 'train_kefer',
            'train_classifier', 'build_kefer', 'kefer_from_run', 'fit_face_method', 'kefer_recipe', 'fer2013_subset']
-
-# %% ../nbs/10_kefer.ipynb #5f72ceaa
-from .learner import ClassScores, class_probabilities, batch_inputs
 
 # %% ../nbs/10_kefer.ipynb #a286072b
 KEFER_OFFICIAL_TEMPLATE = 'a photo of a person making a [CLS] facial expression.'   # models/backbone_raf.py ('an' before a vowel)

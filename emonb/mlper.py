@@ -22,6 +22,7 @@ from .losses import cosine_logits
 from .learner import TrainConfig, make_learner, fit, load_best
 from .evaluate import write_report, evaluate_predictions
 from .learner import feature_dataloaders, BestInMemory
+from .learner import ClassScores, class_probabilities, batch_inputs
 
 # %% auto #0
 __all__ = ['TOO_LONG', 'LAMBDA_MODES', 'NEGATIVES', 'MLPER_LR', 'MLPER_BATCH_SIZE', 'MLPER_EPOCHS', 'MLPER_SIZE',
@@ -29,9 +30,6 @@ __all__ = ['TOO_LONG', 'LAMBDA_MODES', 'NEGATIVES', 'MLPER_LR', 'MLPER_BATCH_SIZ
            'LevelWeights', 'MLPER', 'MLPERLoss', 'mlper_param_groups', 'mlper_splitter', 'mlper_config',
            'caer_s_with_boxes', 'mlper_dataloaders', 'encode_levels', 'train_on_tokens', 'evaluate_mlper',
            'train_mlper', 'build_mlper', 'mlper_from_run', 'fit_mlper']
-
-# %% ../nbs/13_mlper.ipynb #2d187e76
-from .learner import ClassScores, class_probabilities, batch_inputs
 
 # %% ../nbs/13_mlper.ipynb #9d863cda
 def _levels(levels, name: str = 'levels', allow_empty: bool = False) -> tuple:

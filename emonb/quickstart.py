@@ -85,7 +85,8 @@ def _clock(s: float) -> str: return f"{int(s) // 60}:{int(s) % 60:02d}"
 def compare_methods(out, seed: int = 0, methods=COMPARED_METHODS, n_faces: int = 560, n_clips: int = 140, n_scenes: int = 420,
                     overwrite: bool = False, verbose: bool = True) -> pd.DataFrame:
     "Train each method of `methods` briefly on the synthetic world (with its CLIP) and test it once; write `out`; return the comparison table. `verbose` prints a line when each method starts and ends, and the trainers' epoch tables and time-left lines."
-    from emonb.synth import SyntheticWorld, write_dataset, world_table
+    from emonb.synth import SyntheticWorld, write_dataset
+    from emonb.synth_tables import world_table
     from emonb.data import read_rafdb, read_dfew
     from emonb.synth_clip import world_clip_encoder
     from emonb.train import train

@@ -15,14 +15,14 @@ from .core import label_set, LabelSet, LEVELS, prepare_output_dir, atomic_write_
 # %% auto #0
 __all__ = ['AU_NAMES', 'AU_PROTOTYPES', 'OCCLUSION_KINDS', 'CONFLICT_LABELS', 'SKIN_TONES', 'HAIR_COLORS', 'HAIR_STYLES', 'JAWS',
            'EYE_COLORS', 'POSTURES', 'HEAD_SIZE', 'CONTEXTS', 'POSTURE_PHRASES', 'CONTEXT_PHRASES', 'OCCLUSION_PHRASES',
-           'LAYOUTS', 'EMOTIC_OF', 'WORLD_TABLE_LAYOUTS', 'SYNTH_NUISANCES', 'au_intensity', 'expression_aus',
-           'WorldParams', 'Identity', 'random_identity', 'FacePen', 'draw_face', 'figure_layout', 'draw_body',
-           'context_plain_room', 'context_party', 'context_rain', 'context_gift', 'context_dark', 'context_garbage',
-           'context_clutter', 'context_office', 'draw_context', 'describe_face', 'compose_caption', 'Scene',
-           'apply_image_nuisances', 'expression_profile', 'SyntheticWorld', 'show_grid', 'register_layout',
-           'layout_label_set', 'manifest_row', 'write_dataset', 'load_world', 'write_fer2013', 'write_caer_s',
-           'emotic_categories', 'write_rafdb', 'write_emotic', 'write_dfew', 'world_label', 'world_fingerprint',
-           'world_clips', 'WorldDescriber', 'world_table', 'synth_nuisance_columns']
+           'LAYOUTS', 'EMOTIC_OF', 'SYNTH_NUISANCES', 'au_intensity', 'expression_aus', 'WorldParams', 'Identity',
+           'random_identity', 'FacePen', 'draw_face', 'figure_layout', 'draw_body', 'context_plain_room',
+           'context_party', 'context_rain', 'context_gift', 'context_dark', 'context_garbage', 'context_clutter',
+           'context_office', 'draw_context', 'describe_face', 'compose_caption', 'Scene', 'apply_image_nuisances',
+           'expression_profile', 'SyntheticWorld', 'show_grid', 'register_layout', 'layout_label_set', 'manifest_row',
+           'write_dataset', 'load_world', 'write_fer2013', 'write_caer_s', 'emotic_categories', 'write_rafdb',
+           'write_emotic', 'write_dfew', 'world_label', 'world_fingerprint', 'world_clips', 'WorldDescriber',
+           'synth_nuisance_columns']
 
 # %% ../nbs/01_synth.ipynb #f33635a3
 AU_NAMES = {  # FACS names of the action units the world draws
@@ -1367,25 +1367,6 @@ class WorldDescriber:
             return compose_caption(scene.aus, scene.body_emotion, scene.context_emotion, scene.identity, scene.occlusion,
                                    scene.emotion, False, np.random.default_rng([scene.render_seed, 6]))
         return f"A face with {_join_phrases(describe_face(scene.aus, scene.occlusion))}."
-
-# %% ../nbs/01_synth.ipynb #6a90fa96
-WORLD_TABLE_LAYOUTS = ('caer_s', 'emotic')
-
-def world_table(root, layout: str = None) -> pd.DataFrame:
-    "The sample table of a CAER-S or EMOTIC dataset written by `write_dataset`, with the world's face/body boxes and each sample's `conflict_level` ('' if none)."
-    from emonb.data import read_caer_s, read_emotic, join_boxes   # the readers are emonb.data's (02), a layer above the world that writes the files
-    root = Path(root)
-    man_f, info_f = root/'emonb_synth.csv', root/'emonb_synth.json'
-    if not man_f.is_file(): raise FileNotFoundError(f"{man_f} not found: {root} was not written by emonb.synth.write_dataset")
-    layout = layout or json.loads(info_f.read_text())['layout']
-    if layout not in WORLD_TABLE_LAYOUTS: raise ValueError(f"world_table reads the scene layouts {list(WORLD_TABLE_LAYOUTS)}, not {layout!r}")
-    df = dict(caer_s=read_caer_s, emotic=read_emotic)[layout](root)
-    man = pd.read_csv(man_f, keep_default_na=False)
-    out = join_boxes(df, man, root=root)
-    extra = man[['path', 'conflict_level', 'face_emotion', 'body_emotion', 'context_emotion']].assign(path=[str(root/p) for p in man.path])
-    out = out.merge(extra, on='path', how='left')
-    out.attrs = dict(df.attrs)
-    return out
 
 # %% ../nbs/01_synth.ipynb #f91c4d2f
 SYNTH_NUISANCES = ('occlusion', 'yaw', 'roll', 'intensity', 'blur', 'noise')

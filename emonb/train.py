@@ -18,7 +18,7 @@ from .learner import TrainConfig
 from .methods import method_spec, registered_methods
 from .cache import small_image_dataloaders
 from .kefer import train_classifier, train_kefer
-from .synth import world_table
+from .synth_tables import world_table
 from .data import DATASET_READERS
 from .sources import VIDEO_EXTS, video_frames_readable
 from .runs import bundle_from_run

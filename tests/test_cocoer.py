@@ -128,7 +128,8 @@ def test_reports():
     assert c.loc['all', 'war'] == pytest.approx(2 / 3) and np.isnan(c.loc['context conflicts', 'war'])
 
 def test_tiny_run_writes_a_report(tmp_path, clip):
-    from emonb.synth import SyntheticWorld, write_dataset, world_table
+    from emonb.synth import SyntheticWorld, write_dataset
+    from emonb.synth_tables import world_table
     write_dataset(SyntheticWorld(seed=3, conflict=0.5), tmp_path/'caer', 'caer_s', {'train': 28, 'val': 14, 'test': 14})
     df = world_table(tmp_path/'caer')
     assert set(df.conflict_level) <= {'', 'face', 'body', 'context'} and df.face_box.notna().all()
@@ -146,7 +147,8 @@ def test_tiny_run_writes_a_report(tmp_path, clip):
 
 def test_cached_run_equals_uncached_multilabel(tmp_path, clip):
     "EMOTIC layout (multi-label): a run from the window cache is the run from the images, FlipLevels flips included."
-    from emonb.synth import SyntheticWorld, write_dataset, world_table
+    from emonb.synth import SyntheticWorld, write_dataset
+    from emonb.synth_tables import world_table
     write_dataset(SyntheticWorld(seed=4, conflict=0.3), tmp_path/'em', 'emotic', {'train': 28, 'val': 14, 'test': 14})
     df = world_table(tmp_path/'em')
     kw = dict(clip=clip, size=COCOER_CPU_SIZE, bs=14, progress=False, select='last',

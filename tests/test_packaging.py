@@ -46,7 +46,18 @@ def test_readme_has_exactly_two_commands():
 def test_prompt_cache_documented():
     assert (ROOT/'prompt_cache'/'README.md').exists()
 
-@pytest.mark.parametrize('nb', NBS, ids=lambda p: p.name)
+TUTORIALS = [nb for nb in NBS if not src(cells(nb)[0]).lstrip().startswith('#| default_exp')]   # notebooks that export nothing
+
+@pytest.mark.parametrize('nb', TUTORIALS, ids=lambda p: p.name)
+def test_tutorial_house_style(nb):
+    "A numbered notebook without `default_exp` (e.g. 22_new_method) is a tutorial: hidden imports, H1 title + summary, tests, no exports."
+    cs = cells(nb)
+    assert src(cs[0]).startswith('#| hide') and 'fastcore.test' in src(cs[0]), f"{nb.name}: first cell = hidden test imports"
+    assert cs[1]['cell_type'] == 'markdown' and src(cs[1]).startswith('# ') and '\n> ' in src(cs[1]), f"{nb.name}: H1 title + > summary"
+    assert not any(re.search(r'^#\|\s*export', src(c), re.M) for c in cs if c['cell_type'] == 'code'), f"{nb.name}: a tutorial exports nothing"
+    assert any('test_' in src(c) for c in cs if c['cell_type'] == 'code'), f"{nb.name}: no tests"
+
+@pytest.mark.parametrize('nb', [nb for nb in NBS if nb not in TUTORIALS], ids=lambda p: p.name)
 def test_notebook_house_style(nb):
     cs = cells(nb)
     assert re.match(r'#\|\s*default_exp\s+\w+', src(cs[0])), f"{nb.name}: first cell must be `#| default_exp`"
@@ -80,7 +91,7 @@ def nb_number(nb) -> tuple:
 
 def test_imports_flow_from_lower_to_higher_numbers():
     module_of = {}
-    for nb in NBS:
+    for nb in [nb for nb in NBS if nb not in TUTORIALS]:
         m = re.match(r'#\|\s*default_exp\s+([\w.]+)', src(cells(nb)[0])); module_of[m.group(1)] = nb_number(nb)
     for nb in NBS:
         n = nb_number(nb)

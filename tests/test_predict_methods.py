@@ -21,7 +21,7 @@ from emonb.sources import read_image, write_video
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
     from emonb.cocoer import train_cocoer, cocoer_config, COCOER_CPU, COCOER_CPU_SIZE
-    from emonb.synth import world_table
+    from emonb.synth_tables import world_table
     from emonb.mlper import train_mlper, mlper_config
     from emonb.dferclip import train_dferclip, dferclip_config
     root = tmp_path_factory.mktemp('runs')
