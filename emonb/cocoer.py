@@ -477,6 +477,13 @@ class CocoER(nn.Module):
         "The global head's logits."
         return self(face, body, context, boxes)['logits']
 
+# %% ../nbs/14_cocoer.ipynb #7b66edb7
+from fastcore.basics import patch
+@patch
+def class_scores(self: CocoER, out):
+    "The global logits of the dict the forward returns (for `emonb.learner.ClassScores`)."
+    return out['logits'] if isinstance(out, dict) else out
+
 # %% ../nbs/14_cocoer.ipynb #769b16f5
 COCOER_CPU = dict(arch='resnet10t', backbone_kw=dict(channels=(16, 32, 64, 128)), stage=1, dim=64, ffn_dim=256)   # a CPU-sized model
 COCOER_CPU_SIZE = (32, 32, 64)   # face, body, context windows (px) for COCOER_CPU
@@ -513,6 +520,10 @@ class SingleLevelModel(nn.Module):
         for blk in self.blocks: t = blk(t, t, p, p)
         return self.mapping(self.norm(t))[1]
     predict = forward
+
+# %% ../nbs/14_cocoer.ipynb #ae78f7b0
+@patch
+def class_scores(self: SingleLevelModel, out): return out['logits'] if isinstance(out, dict) else out
 
 # %% ../nbs/14_cocoer.ipynb #b1c1eb29
 # the official code's 'static' class weights of EMOTIC's 26 categories (utils.py, DiscreteLoss), used by its training loss
@@ -817,12 +828,6 @@ def cam_layer(self: CocoER) -> nn.Module:
     raise ValueError("CocoER has one backbone per level: use cam_levels(model) or grad_cam(..., levels='head'|'body'|'context')")
 @patch
 def cam_levels(self: CocoER, inputs=None) -> dict: return {l: CamLevel(default_layer(self.backbones[l]), i) for i, l in enumerate(LEVEL_NAMES)}
-@patch
-def class_scores(self: CocoER, out):
-    "The global logits of the dict the forward returns (for `emonb.learner.ClassScores`)."
-    return out['logits'] if isinstance(out, dict) else out
-@patch
-def class_scores(self: SingleLevelModel, out): return out['logits'] if isinstance(out, dict) else out
 
 # %% ../nbs/14_cocoer.ipynb #392a9f75
 def benchmark_cocoer_step(model: CocoER, loss_func, batch: tuple, steps: int = 10, warmup: int = 3, precision: str = 'fp32') -> float:

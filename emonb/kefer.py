@@ -125,6 +125,13 @@ class KeferModel(nn.Module):
         "Class logits of images `x`; F_n is not used at test time."
         return self.logits(self.features(x))
 
+# %% ../nbs/10_kefer.ipynb #c46f780c
+from fastcore.basics import patch
+@patch
+def class_scores(self: KeferModel, out):
+    "The cosine logits of the pair (v, n) the forward returns (for `emonb.learner.ClassScores`)."
+    return self.logits(out[0]) if isinstance(out, (tuple, list)) else out
+
 # %% ../nbs/10_kefer.ipynb #6962684a
 class Float32Loss(nn.Module):
     "Compute `loss` in float32 outside autocast (cosine logits at tau = 0.01 lose precision in bf16)."
@@ -416,10 +423,6 @@ from fastcore.basics import patch
 from .encoders import default_layer
 @patch
 def cam_layer(self: KeferModel) -> nn.Module: return default_layer(self.visual)
-@patch
-def class_scores(self: KeferModel, out):
-    "The cosine logits of the pair (v, n) the forward returns (for `emonb.learner.ClassScores`)."
-    return self.logits(out[0]) if isinstance(out, (tuple, list)) else out
 
 # %% ../nbs/10_kefer.ipynb #a595c9f3
 def fer2013_subset(fer: pd.DataFrame, per_class: int = 300, n_val: int = 500, n_test: int = 1000, seed: int = 0) -> pd.DataFrame:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from functools import partial
-import importlib, logging, contextlib
+import importlib, logging, contextlib, sys
 import numpy as np
 import torch
 from torch import nn
@@ -19,10 +19,10 @@ from .core import LEVELS, VARIANTS
 
 # %% auto #0
 __all__ = ['OUTPUTS', 'TRAIN_DATA', 'METHODS', 'BUILTIN_METHODS', 'RESERVED_NAMES', 'INTERPOLATIONS', 'CROP_RULES', 'MethodSpec',
-           'register_method', 'method_spec', 'registered_methods', 'is_registered', 'lazy_function', 'build_visual',
-           'build_classifier', 'face_run_input', 'classifier_from_run', 'quickstart_network', 'random_clip',
-           'clip_source', 'load_clip_source', 'build_clip', 'config_overrides', 'run_clip_source', 'run_visual',
-           'input_spec', 'clip_input_spec', 'level_size', 'image_transform']
+           'register_method', 'method_spec', 'registered_methods', 'is_registered', 'restore_module_methods',
+           'lazy_function', 'build_visual', 'build_classifier', 'face_run_input', 'classifier_from_run',
+           'quickstart_network', 'random_clip', 'clip_source', 'load_clip_source', 'build_clip', 'config_overrides',
+           'run_clip_source', 'run_visual', 'input_spec', 'clip_input_spec', 'level_size', 'image_transform']
 
 # %% ../nbs/09a_methods.ipynb #20b98905
 OUTPUTS = ('softmax', 'sigmoid')
@@ -65,6 +65,7 @@ METHODS: dict = {}
 BUILTIN_METHODS = {'kefer': 'emonb.kefer', 'classifier': 'emonb.methods', 'dferclip': 'emonb.dferclip', 'expclip': 'emonb.expclip',
                    'mlper': 'emonb.mlper', 'cocoer': 'emonb.cocoer', 'clip_classifier': 'emonb.baselines', 'quickstart': 'emonb.methods'}
 RESERVED_NAMES = ('zeroshot', 'bundle', 'default')
+_MODULE_SPECS: dict = {}   # the entries emonb's own modules registered (see restore_module_methods)
 
 # %% ../nbs/09a_methods.ipynb #11c11ef1
 def register_method(name: str, build: Callable | None = None, forward: Callable | None = None, levels=('face',), output: str = 'softmax',
@@ -82,6 +83,7 @@ def register_method(name: str, build: Callable | None = None, forward: Callable 
     if train_fields.get('data', 'faces') not in TRAIN_DATA: raise ValueError(f"data must be one of {TRAIN_DATA}, got {train_fields['data']!r}")
     if build is None and train_fields.get('fit') is None: raise ValueError(f"method {name!r} needs build= (for bundles) or fit= (for training)")
     METHODS[name] = spec = MethodSpec(name, build, forward, levels, output, doc, boxes, video, after_load, **train_fields)
+    if sys._getframe(1).f_globals.get('__name__', '').startswith('emonb.'): _MODULE_SPECS[name] = spec   # registered by the library itself
     return spec
 
 # %% ../nbs/09a_methods.ipynb #2e2512b5
@@ -104,6 +106,13 @@ def registered_methods(bundles: bool | None = None, trains: bool | None = None) 
 def is_registered(name: str) -> bool:
     "A name `method_spec` knows (without importing anything)."
     return name in METHODS or name in BUILTIN_METHODS
+
+# %% ../nbs/09a_methods.ipynb #3f94fdaa
+def restore_module_methods():
+    "Put back the registry entries emonb's modules made (replaced by a notebook's registration cells), and forget built-in names registered only by a notebook."
+    for name in BUILTIN_METHODS:
+        if name in _MODULE_SPECS: METHODS[name] = _MODULE_SPECS[name]
+        else: METHODS.pop(name, None)
 
 # %% ../nbs/09a_methods.ipynb #6faf10a2
 def lazy_function(path: str) -> Callable:

@@ -259,6 +259,13 @@ class MLPER(nn.Module):
         z = torch.stack(z) if z else tokens.new_zeros(0, B, 2)
         return z, torch.tensor([1., 0.], dtype=z.dtype, device=z.device).expand_as(z), neg
 
+# %% ../nbs/13_mlper.ipynb #fd2de2b8
+from fastcore.basics import patch
+@patch
+def class_scores(self: MLPER, out):
+    "The logits of the (logits, tokens) pair the forward returns (for `emonb.learner.ClassScores`)."
+    return out[0] if isinstance(out, (tuple, list)) else out
+
 # %% ../nbs/13_mlper.ipynb #01df4a93
 class MLPERLoss:
     "L = L_cls + lam * L_itm (eq. 12) for the output (logits, tokens) of `model` and class targets `y`; `.last` holds every term."
@@ -475,7 +482,3 @@ def cam_levels(self: MLPER, inputs=None) -> dict:
     if stacked and inputs[0].ndim == 4: raise ValueError("Grad-CAM needs MLPER's crops, not cached tokens (B, 3, 1+N, D)")
     layer = self.cam_layer()
     return {l: CamLevel(layer, 0 if stacked else LEVELS.index(l), j, L, LEVELS.index(l) if stacked else None) for j, l in enumerate(self.levels)}
-@patch
-def class_scores(self: MLPER, out):
-    "The logits of the (logits, tokens) pair the forward returns (for `emonb.learner.ClassScores`)."
-    return out[0] if isinstance(out, (tuple, list)) else out

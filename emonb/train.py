@@ -15,7 +15,7 @@ from .data import IMAGE_EXTS, DataError, ProblemReport, check_images, check_fram
 from .encoders import ClipEncoder, HFTextEncoder
 from .synth_clip import world_clip_encoder
 from .learner import TrainConfig
-from .methods import method_spec, registered_methods
+from .methods import method_spec, registered_methods, is_registered
 from .cache import small_image_dataloaders
 from .kefer import train_classifier, train_kefer
 from .synth_tables import world_table
@@ -215,7 +215,7 @@ def default_variant(method: str, clip=None, **kw) -> str:
 # %% ../nbs/18_train.ipynb #b54782fb
 def _trainable(method: str):
     "The `MethodSpec` of a method `train` can train; the error lists them."
-    spec = method_spec(method) if isinstance(method, str) and method not in ('zeroshot', 'bundle', 'default') else None
+    spec = method_spec(method) if isinstance(method, str) and is_registered(method) and method not in ('zeroshot', 'bundle', 'default') else None
     if spec is None or not spec.trains: raise ValueError(f"unknown method {method!r}: one of {', '.join(train_methods())}")
     return spec
 
