@@ -4,9 +4,9 @@ import pytest, torch
 import safetensors.torch
 from PIL import Image
 
-import emonb.predict as ep
+import emonb.bundles as eb
 from emonb.cli import main
-from emonb.methods import METHODS, input_spec
+from emonb.methods import METHODS, method_spec, registered_methods, input_spec
 from emonb.bundles import BUNDLE_KEY, CHECKSUM_KEY, BundleChecksumWarning, save_bundle, load_bundle, bundle_header, verify_bundle, add_bundle_checksum
 from emonb.predict import predict, default_model_path
 
@@ -16,7 +16,7 @@ ARCH = dict(c_in=1, n_out=7, widen=0.5)   # the quickstart classifier: tiny, 48x
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    m = METHODS['quickstart'].build(**ARCH).eval()
+    m = method_spec('quickstart').build(**ARCH).eval()
     for p in m.parameters(): p.data.normal_(0, 0.05)
     return m
 
@@ -73,7 +73,7 @@ def test_non_finite_weights_are_never_saved_nor_loaded(tmp_path, bundle):
     # a file holding inf (written without save_bundle, with a correct checksum): load names the file and the tensor
     sd = {k: v.clone() for k, v in safetensors.torch.load_file(str(bundle)).items()}; sd[name].view(-1)[0] = float('inf')
     inf = tmp_path/'inf.safetensors'
-    inf.write_bytes(safetensors.torch.save(sd, metadata=ep._bundle_metadata(sd, json.dumps(bundle_header(bundle)))))
+    inf.write_bytes(safetensors.torch.save(sd, metadata=eb._bundle_metadata(sd, json.dumps(bundle_header(bundle)))))
     with pytest.raises(ValueError, match=re.escape(f"bundle {inf} holds non-finite weights") + rf".* {name} \(1 value\)"): load_bundle(inf)
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 from emonb.core import label_set
 from emonb.crops import BoxDetector, shared_data_dir, DETECTOR_FILES
 from emonb.synth import SyntheticWorld
-from emonb.methods import METHODS, input_spec, image_transform, register_method, random_clip
+from emonb.methods import METHODS, method_spec, registered_methods, input_spec, image_transform, register_method, random_clip
 from emonb.predict import BASE_COLUMNS, make_predictor, predict, plot_predictions, frame_rows, Predictor
 from emonb.bundles import save_bundle, load_bundle, bundle_header, resolve_weights, install_weights
 from emonb.sources import write_video
@@ -43,23 +43,23 @@ def _random_tower(name='emonb-tiny-vit'):
 ])
 def test_bundle_round_trip_identical(tmp_path, method, arch, labels, inp, faces):
     torch.manual_seed(0)
-    model = METHODS[method].build(**arch).eval()
+    model = method_spec(method).build(**arch).eval()
     for p in model.parameters(): p.data.normal_(0, 0.05)          # non-trivial weights everywhere
     path = save_bundle(model, tmp_path/'m.safetensors', method, labels, arch, inp, info={'k': 1})
     b = load_bundle(path, method=method)
     assert b.labels.names == label_set(labels).names and b.info == {'k': 1} and not b.model.training
     x = torch.stack([image_transform(inp)(im) for im in faces[0][:4]])
-    with torch.no_grad(): assert torch.equal(METHODS[method].run(model, x), METHODS[method].run(b.model, x))
+    with torch.no_grad(): assert torch.equal(method_spec(method).run(model, x), method_spec(method).run(b.model, x))
     # and through predict, on in-memory faces, whole images
     df = predict(faces[0][:4], method=method, weights=path, detector=None, progress=False)
-    with torch.no_grad(): expected = METHODS[method].run(model, x).softmax(-1).numpy()
+    with torch.no_grad(): expected = method_spec(method).run(model, x).softmax(-1).numpy()
     np.testing.assert_allclose(df[list(b.labels.names)].to_numpy(), expected, atol=1e-5)
     assert bundle_header(path)['method'] == method
 
 
 def test_bundle_refuses_what_would_not_load(tmp_path):
     arch = dict(c_in=1, n_out=7, widen=0.5)
-    m = METHODS['quickstart'].build(**arch)
+    m = method_spec('quickstart').build(**arch)
     with pytest.raises(ValueError, match='outputs of shape'): save_bundle(m, tmp_path/'a.safetensors', 'quickstart', 'basic8', arch, input_spec(48, 'L', 'none'))
     with pytest.raises(ValueError, match='do not fit'): save_bundle(m, tmp_path/'a.safetensors', 'quickstart', 'basic7', {**arch, 'widen': 1.0}, input_spec(48, 'L', 'none'))
     with pytest.raises(ValueError, match='no method'): save_bundle(m, tmp_path/'a.safetensors', 'nope', 'basic7', arch, input_spec(48, 'L', 'none'))
@@ -73,7 +73,7 @@ def test_weights_by_name(tmp_path, monkeypatch):
     assert str(expected) in str(e.value) and 'never downloads' in str(e.value)
     with pytest.raises(FileNotFoundError, match=str(expected)): make_predictor('kefer', 'my-model')
     arch = dict(c_in=1, n_out=7, widen=0.5)
-    p = save_bundle(METHODS['quickstart'].build(**arch), tmp_path/'q.safetensors', 'quickstart', 'fer2013', arch, input_spec(48, 'L', 'none'))
+    p = save_bundle(method_spec('quickstart').build(**arch), tmp_path/'q.safetensors', 'quickstart', 'fer2013', arch, input_spec(48, 'L', 'none'))
     assert install_weights(p, 'my-model') == expected
     assert load_bundle('my-model').method == 'quickstart'
     with pytest.raises(FileNotFoundError, match='weights file not found'): resolve_weights(str(tmp_path/'missing.safetensors'))

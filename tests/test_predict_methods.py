@@ -11,7 +11,7 @@ from emonb.data import parse_box, read_dfew, read_rafdb
 from emonb.synth import SyntheticWorld, write_dataset
 from emonb.synth_clip import world_clip_encoder
 from emonb.learner import TrainConfig
-from emonb.methods import METHODS
+from emonb.methods import METHODS, method_spec, registered_methods
 from emonb.runs import bundle_from_run, run_checkpoint, labels_of_classes
 from emonb.bundles import bundle_header, load_bundle
 from emonb.predict import predict, predict_clips, face_crops, clip_windows
@@ -53,8 +53,8 @@ def _diff(run, got):
 
 
 def test_registered():
-    assert {'mlper', 'cocoer', 'dferclip'} <= set(METHODS)
-    assert METHODS['mlper'].levels == LEVELS and METHODS['cocoer'].boxes and METHODS['dferclip'].video
+    assert {'mlper', 'cocoer', 'dferclip'} <= set(registered_methods())
+    assert method_spec('mlper').levels == LEVELS and method_spec('cocoer').boxes and method_spec('dferclip').video
 
 
 @pytest.mark.parametrize('method', ['cocoer', 'mlper'])
