@@ -5,6 +5,7 @@ import safetensors.torch
 from PIL import Image
 
 import emonb.bundles as eb
+import emonb.predict as ep
 from emonb.cli import main
 from emonb.methods import METHODS, method_spec, registered_methods, input_spec
 from emonb.bundles import BUNDLE_KEY, CHECKSUM_KEY, BundleChecksumWarning, save_bundle, load_bundle, bundle_header, verify_bundle, add_bundle_checksum
