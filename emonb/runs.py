@@ -14,7 +14,7 @@ from torch import nn
 from PIL import Image, ImageOps, UnidentifiedImageError
 import emonb
 from .core import IMAGE_EXTS, LabelSet, LEVELS, label_set, canonical_name, emonb_home, atomic_write_bytes, atomic_write_text, atomic_write_json, image_to_8bit
-from .methods import method_spec, registered_methods, quickstart_network, input_spec, load_clip_source
+from .methods import method_spec, registered_methods, is_registered, quickstart_network, input_spec, load_clip_source
 from .bundles import save_bundle, _load_state
 
 # %% auto #0
@@ -99,8 +99,8 @@ def unchanged_clip_keys(model: nn.Module, clip: dict) -> list:
 def run_arch(r: dict, sd: dict, labels: LabelSet, clip=None, clip_in_bundle: bool = True, **overrides) -> tuple:
     "(method, arch, input, output) that rebuild and feed the network of a training run's `metrics.json` `run` record `r` (checkpoint `sd`): the method's `from_run`; `overrides` replace recorded settings."
     method = r.get('method')
-    spec = method_spec(method) if isinstance(method, str) and method in registered_methods(bundles=True) else None
-    if spec is None or spec.from_run is None:
+    spec = method_spec(method) if isinstance(method, str) and is_registered(method) else None   # imports only this method's module
+    if spec is None or not spec.bundles or spec.from_run is None:
         makes = [k for k, s in registered_methods(bundles=True).items() if s.from_run is not None]
         raise ValueError(f"cannot make a bundle of a {method!r} run: bundles are made of runs of {', '.join(makes)}"
                          + (" (a single-level CocoER ablation has no predict method)" if str(method).endswith(' only') else ''))
