@@ -16,14 +16,14 @@ import emonb
 from .core import IMAGE_EXTS, LabelSet, LEVELS, label_set, canonical_name, emonb_home, atomic_write_bytes, atomic_write_text, atomic_write_json, image_to_8bit
 import safetensors, safetensors.torch
 from .crops import packaged_file
-from .methods import OUTPUTS, MethodSpec, method_spec, input_spec, _check_input, level_size
+from .methods import OUTPUTS, MethodSpec, method_spec, input_spec, _check_input, level_size, image_transform
 # light on purpose: emonb.predict loads the shipped model through this module
 
 # %% auto #0
 __all__ = ['BUNDLE_KEY', 'BUNDLE_VERSION', 'KNOWN_WEIGHTS', 'WEIGHT_SUFFIXES', 'CHECKSUM_KEY', 'weights_dir', 'resolve_weights',
            'BundleChecksumWarning', 'tensor_checksum', 'text_checksum', 'nonfinite_tensors', 'describe_nonfinite',
            'Bundle', 'save_bundle', 'verify_bundle', 'bundle_header', 'load_bundle', 'add_bundle_checksum',
-           'install_weights']
+           'add_int8_calibration', 'install_weights']
 
 # %% ../nbs/16_bundles.ipynb #e82a1135
 BUNDLE_KEY = 'emonb_bundle'
@@ -305,6 +305,50 @@ def add_bundle_checksum(weights, clip_weights=None) -> Path:
     rest = {k: v for k, v in meta.items() if k not in (CHECKSUM_KEY, BUNDLE_KEY)}
     atomic_write_bytes(path, safetensors.torch.save(sd, metadata={**rest, **_bundle_metadata(sd, meta[BUNDLE_KEY])}))
     return path
+
+# %% ../nbs/16_bundles.ipynb #9c937297
+def _calibration_inputs(images, tf) -> torch.Tensor:
+    xs = []
+    for k, im in enumerate(images):
+        if not isinstance(im, Image.Image):
+            try:
+                with Image.open(im) as f: im = f.copy()
+            except (OSError, UnidentifiedImageError) as e: raise ValueError(f"calibration image {k} ({im}) cannot be read: {e}") from None
+        xs.append(tf(im))
+    if not xs: raise ValueError("add_int8_calibration needs at least one calibration image")
+    return torch.stack(xs)
+
+# %% ../nbs/16_bundles.ipynb #3a38184f
+def add_int8_calibration(
+    weights, # a bundle file, or the name of one in `weights_dir()`
+    images, # calibration images: PIL images or image files, typical of what the model will see (a few hundred; its training images are best)
+    source: str = '', # what the images are, recorded in the header (e.g. 'FER2013 Training, 1024 stratified')
+    overwrite: bool = False, # replace a calibration the bundle already has
+    batch_size: int = 64
+) -> dict: # the stored `int8` entry
+    "Calibrate a bundle's network for int8 CPU inference and store the scales in its header, in place (tensors unchanged, checksum renewed)."
+    from emonb.int8 import calibrate_int8, int8_network
+    path = resolve_weights(weights)
+    b = load_bundle(path)   # checksum verified, the network built
+    spec = method_spec(b.method)
+    if b.levels != ('face',) or spec.boxes or spec.video:
+        raise ValueError(f"int8 covers networks of one face image; {path} holds a {b.method!r} model of levels {list(b.levels)}"
+                         f"{' with boxes' if spec.boxes else ''}{' on video' if spec.video else ''}")
+    if b.header.get('int8') and not overwrite: raise ValueError(f"{path} already has an int8 calibration: pass overwrite=True to replace it")
+    x = _calibration_inputs(images, image_transform(b.input, 'face'))
+    calib = calibrate_int8(b.model, x, run=spec.run, batch_size=batch_size)
+    q = int8_network(b.model, calib, x[:2], run=spec.run)
+    with torch.no_grad():
+        p32 = torch.cat([spec.run(b.model, x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).float().softmax(-1)
+        p8 = torch.cat([q(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).float().softmax(-1)
+    calib.update(source=source, agreement=round(float((p32.argmax(1) == p8.argmax(1)).float().mean()), 4),
+                 max_prob_diff=round(float((p32 - p8).abs().max()), 4))
+    meta = _bundle_metadata_of(path)
+    header = {**json.loads(meta[BUNDLE_KEY]), 'int8': calib}
+    sd, _ = _read_bundle_tensors(path)
+    rest = {k: v for k, v in meta.items() if k not in (CHECKSUM_KEY, BUNDLE_KEY)}
+    atomic_write_bytes(path, safetensors.torch.save(sd, metadata={**rest, **_bundle_metadata(sd, json.dumps(header))}))
+    return calib
 
 # %% ../nbs/16_bundles.ipynb #edaf0403
 def install_weights(path, name: str | None = None, overwrite: bool = False) -> Path:

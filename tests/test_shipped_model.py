@@ -19,6 +19,7 @@ def test_shipped_files_are_in_the_package():
     assert default_model_path().stat().st_size <= 25e6
     assert (ROOT/'emonb'/'weights'/YUNET_FILE).is_file() and (ROOT/'emonb'/'weights'/'LICENSE-yunet.txt').is_file()
     assert h['info']['war'] > 0.5, h['info']['war']   # the PublicTest WAR of the run it came from
+    assert h['int8']['agreement'] > 0.95 and 'FER2013 Training' in h['int8']['source']   # scripts/fer2013_int8.py
 
 
 @pytest.mark.skipif(D is None, reason='the shared data folder with the real photos is absent')
@@ -40,6 +41,12 @@ def test_fresh_install_predicts_the_smiling_faces(tmp_path):
     assert df.top.iloc[SMILING].tolist() == ['happiness'] * 4, df[['face', 'top', 'top_prob']]
     summary = json.loads((work/'pred.json').read_text())
     assert str(site) in summary['predictor']['weights']   # the installed copy, not the repository's
+    # int8 on the CPU from the installed copy: the same faces, the same top classes
+    r8 = subprocess.run([sys.executable, '-c', cli, 'predict', str(photo), '--out', str(work/'pred8.csv'), '--no-progress',
+                         '--precision', 'int8', '--device', 'cpu'], capture_output=True, text=True, env=env, cwd=work)
+    assert r8.returncode == 0, r8.stderr[-3000:]
+    assert '(int8)' in r8.stdout, r8.stdout
+    assert pd.read_csv(work/'pred8.csv').top.tolist() == df.top.tolist()
 
 
 def test_cross_dataset_eval_of_ckplus_style_folders(tmp_path):
