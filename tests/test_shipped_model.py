@@ -67,3 +67,7 @@ def test_cross_dataset_eval_of_ckplus_style_folders(tmp_path):
     sh = m['run']['shared_classes']
     assert sh['n'] == 12 and 'contempt' not in sh['classes'] and len(sh['classes']) == 6
     assert abs(m['war'] - sh['war'] * 12 / 14) < 1e-9   # the same predictions; contempt's 2 rows count as errors over all classes
+    # int8 on the CPU: the same report, its precision recorded
+    assert main(args + ['--out', str(tmp_path/'r8'), '--missing', 'zero', '--precision', 'int8', '--device', 'cpu']) == 0
+    m8 = json.loads((tmp_path/'r8'/'metrics.json').read_text())
+    assert m8['run']['precision'] == 'int8' and m['run']['precision'] == 'fp32' and m8['n'] == 14
