@@ -98,11 +98,11 @@ PRECISIONS = ('fp32', 'int8')   # int8: CPU only, a bundle with an int8 calibrat
 
 class BundlePredictor(Predictor):
     "A trained model from a bundle: crops transformed as its `input` says, logits from its method, softmax/sigmoid."
-    def __init__(self, bundle: Bundle, device='cpu', precision: str = 'fp32'):
+    def __init__(self, bundle: Bundle, device='cpu', precision: str = 'fp32', hflip: bool = False):
         if precision not in PRECISIONS: raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         super().__init__(bundle.labels, device, f"{bundle.method}:{bundle.path.name if bundle.path else 'in memory'}"
-                         f"{' (int8)' if precision == 'int8' else ''}",
-                         dict(method=bundle.method, weights=str(bundle.path), arch=bundle.arch, input=bundle.input, precision=precision))
+                         f"{' (int8)' if precision == 'int8' else ''}{' +hflip' if hflip else ''}",
+                         dict(method=bundle.method, weights=str(bundle.path), arch=bundle.arch, input=bundle.input, precision=precision, hflip=bool(hflip)))
         self.bundle, self.spec = bundle, method_spec(bundle.method)
         self.model = bundle.model.to(self.device).eval()
         self.levels, self.output = bundle.levels, bundle.output
@@ -113,6 +113,10 @@ class BundlePredictor(Predictor):
         self.tfs = {lv: image_transform(bundle.input, lv) for lv in self.levels}
         self.tf = self.tfs['face']
         self.int8 = self._int8_network() if precision == 'int8' else None
+        if hflip and (self.video or self.boxes):
+            raise ValueError(f"hflip=True mirrors face and level images; {bundle.method} also takes "
+                             f"{'clips of frames' if self.video else 'the boxes of its levels'}, which it does not mirror: use hflip=False")
+        self.hflip = bool(hflip)
 
     def _int8_network(self) -> nn.Module:
         "The bundle's network rebuilt in int8 from the calibration in its header (emonb.int8)."
@@ -132,9 +136,15 @@ class BundlePredictor(Predictor):
             return self.spec.run(self.model, x).float().cpu()
         xs = {lv: torch.stack([self.tfs[lv](c[lv]) for c in crops]).to(self.device) for lv in self.levels}
         if self.boxes: xs['boxes'] = torch.stack([torch.as_tensor(c['boxes'], dtype=torch.float32) for c in crops]).to(self.device)
+        z = self._logits(xs)
+        if not self.hflip: return z
+        zm = self._logits({lv: x.flip(-1) for lv, x in xs.items()})
+        if self.output == 'softmax': return ((z.softmax(-1) + zm.softmax(-1)) / 2).log()   # softmax of it: the mean probabilities
+        return torch.logit((z.sigmoid() + zm.sigmoid()) / 2)
+
+    def _logits(self, xs: dict) -> torch.Tensor:
         if self.int8 is not None: return self.int8(xs['face'].cpu()).float()
-        out = self.spec.run(self.model, xs['face'] if self.levels == ('face',) and not self.boxes else xs)
-        return out.float().cpu()
+        return self.spec.run(self.model, xs['face'] if self.levels == ('face',) and not self.boxes else xs).float().cpu()
 
     def probabilities(self, encoded):
         if not len(encoded): return np.zeros((0, len(self.labels)), np.float32)
@@ -168,20 +178,22 @@ def make_predictor(
     ensemble: str = 'logits', # 'zeroshot': average the templates' 'logits' (Exp-CLIP's code) or their 'embedding's (CLIP)
     clip_weights=None, # a bundle that left its CLIP out: that CLIP's local file
     clip_activation: str | None = None, # 'zeroshot' with `clip_model`: 'quickgelu' or 'gelu'
-    precision: str = 'fp32' # a bundle's arithmetic: 'fp32', or 'int8' on the CPU (several times faster; the bundle needs an int8 calibration)
+    precision: str = 'fp32', # a bundle's arithmetic: 'fp32', or 'int8' on the CPU (several times faster; the bundle needs an int8 calibration)
+    hflip: bool = False # a bundle: average each face's probabilities with its mirror image's (the model card's test protocol; twice the work)
 ) -> Predictor:
     "A `Predictor`: emonb's shipped FER2013 model (`method='default'`), zero-shot CLIP (`'zeroshot'`) or a trained model from a bundle (`'bundle'` or its method name)."
     if isinstance(method, Predictor): return method
     if precision not in PRECISIONS: raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if isinstance(method, Bundle): return BundlePredictor(method, resolve_device(device), precision)
+    if isinstance(method, Bundle): return BundlePredictor(method, resolve_device(device), precision, hflip)
     dev = resolve_device(device)
     if method == 'default':
         if weights is not None: raise ValueError("method='default' is emonb's shipped FER2013 model; for your own bundle pass method='bundle' with weights=")
         if labels is not None and _as_label_set(labels).names != label_set('fer2013').names:
             raise ValueError(f"the default model predicts the FER2013 classes {list(label_set('fer2013').names)}; labels={labels!r} does not match")
-        return BundlePredictor(load_bundle(default_model_path(), dev), dev, precision)
+        return BundlePredictor(load_bundle(default_model_path(), dev), dev, precision, hflip)
     if method == 'zeroshot':
         if precision != 'fp32': raise ValueError(f"precision={precision!r} is for model bundles; zero-shot CLIP runs in fp32")
+        if hflip: raise ValueError("hflip=True is for model bundles; zero-shot CLIP scores each image once")
         if clip_model is None:
             if weights is not None:
                 raise ValueError("method='zeroshot' with weights= needs clip_model=, the open_clip architecture of the weights "
@@ -205,7 +217,7 @@ def make_predictor(
     if labels is not None and _as_label_set(labels).names != b.labels.names:
         raise ValueError(f"{b.path} was trained on the classes {list(b.labels.names)}; labels={labels!r} does not match "
                          f"(leave labels=None for a trained model)")
-    return BundlePredictor(b, dev, precision)
+    return BundlePredictor(b, dev, precision, hflip)
 
 # %% ../nbs/16b_predict.ipynb #3a2d1409
 NO_FACE_POLICIES = ('row', 'skip', 'whole')
@@ -363,11 +375,12 @@ def predict(
     stride: int | None = None, # video methods: frames between window starts (default `window`)
     clip_activation: str | None = None, # 'zeroshot' with `clip_model`: 'quickgelu' or 'gelu' (default: the file's)
     precision: str = 'fp32', # a bundle's arithmetic: 'fp32', or 'int8' on the CPU (the shipped model has an int8 calibration)
+    hflip: bool = False, # a bundle: average each face's probabilities with its mirror image's (twice the work)
 ) -> pd.DataFrame: # one row per face per frame (per window for video methods), a probability column per class
     "Emotion probabilities of every face in `src` (image, folder, video, in-memory image or a list): one row per face per frame (per clip window for video methods)."
     _check_run_options(batch_size, frame_step, no_face, on_error, save_csv, overwrite)
     predictor = make_predictor(method, weights, labels, device, clip_model, prompts, clip_weights=clip_weights, clip_activation=clip_activation,
-                               precision=precision)
+                               precision=precision, hflip=hflip)
     if predictor.video:
         return predict_clips(src, predictor, detector=detector, batch_size=batch_size, progress=progress, frame_step=frame_step,
                              window=window, stride=stride, save_csv=save_csv, no_face=no_face, on_error=on_error,
@@ -584,7 +597,8 @@ def plot_predictions(image, rows: pd.DataFrame, path=None, ax=None, title: str |
 def evaluate_dataset(df: pd.DataFrame, method='zeroshot', weights=None, split: str = 'test', out=None, detector=None,
                      device='auto', batch_size: int = 32, clip_model: str | None = None, prompts='ensemble10',
                      progress: bool = False, overwrite: bool = False, subsets: dict | None = None, unknown: str = 'raise',
-                     clip_activation: str | None = None, missing: str = 'raise', precision: str = 'fp32') -> dict:
+                     clip_activation: str | None = None, missing: str = 'raise', precision: str = 'fp32',
+                     hflip: bool = False) -> dict:
     "WAR / UAR (and a report folder `out`) of a zero-shot CLIP or a trained bundle on the `split` rows of a single-label sample table; `subsets` adds WAR / UAR per robustness subset; `missing='zero'` scores test classes the model lacks as never predicted (and `run.shared_classes` has WAR / UAR on the classes both have)."
     from emonb.evaluate import cross_dataset_scores, evaluate_predictions, write_report
     from emonb.evaluate import resolve_subsets, subset_metrics, subsets_json
@@ -596,7 +610,7 @@ def evaluate_dataset(df: pd.DataFrame, method='zeroshot', weights=None, split: s
     sub = resolve_subsets(subsets, items=list(rows.path), samples=rows, unknown=unknown) if subsets is not None else None
     test_labels = label_set(df.attrs.get('label_set') or rows.dataset.iloc[0])
     predictor = make_predictor(method, weights, test_labels if method == 'zeroshot' else None, device, clip_model, prompts,
-                               clip_activation=clip_activation, precision=precision)
+                               clip_activation=clip_activation, precision=precision, hflip=hflip)
     pred = predict(list(rows.path), predictor, detector=detector, batch_size=batch_size, progress=progress, no_face='whole')
     first = pred[pred.face == 0].reset_index(drop=True)      # one prediction per image: the main (first, left-most) face
     if len(first) != len(rows): raise RuntimeError(f"{len(rows)} images but {len(first)} predictions")
@@ -615,7 +629,7 @@ def evaluate_dataset(df: pd.DataFrame, method='zeroshot', weights=None, split: s
         shared = dict(war=float(sm['war']), uar=float(sm['uar']), n=int(keep.sum()), classes=[test_labels.names[k] for k in keep_cls])
     run = dict(method=method if isinstance(method, str) else type(method).__name__, weights=str(weights) if weights else None,
                clip=getattr(getattr(predictor, 'clip', None), 'describe', lambda: None)(),
-               precision=precision, split=split, model_labels=model_labels.name, test_labels=test_labels.name, dropped_model_classes=dropped,
+               precision=precision, hflip=bool(hflip), split=split, model_labels=model_labels.name, test_labels=test_labels.name, dropped_model_classes=dropped,
                missing_test_classes=absent, shared_classes=shared,
                detector=detector if isinstance(detector, (str, type(None))) else type(detector).__name__,
                no_face_frames=int(pred.attrs.get('summary', {}).get('no_face_frames', 0)))

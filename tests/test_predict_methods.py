@@ -144,3 +144,26 @@ def test_real_detectors_multilevel(runs):
     df = predict([D/'images'/'astronaut.png', D/'images'/'multiface.jpg'], method='bundle', weights=b, progress=False)
     assert df.groupby(df.file.map(lambda f: Path(f).name)).size().to_dict() == {'astronaut.png': 1, 'multiface.jpg': 6}
     assert (df.status == 'face').all() and df.attrs['summary']['person_detector'] is not None
+
+
+def _bundle_of(root, method, name='hflip_test.safetensors'):
+    f = root/method/name
+    return f if f.exists() else bundle_from_run(root/method, path=f)
+
+
+def test_hflip_multilevel_and_refusals(runs):
+    "hflip=True mirrors a multi-level model's levels together and averages the probabilities; models whose boxes or clips it would not mirror are refused."
+    from PIL import ImageOps
+    from emonb.predict import make_predictor
+    root = runs[0]
+    b = _bundle_of(root, 'mlper')
+    rng = np.random.default_rng(0)
+    crops = [{lv: Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for lv in LEVELS} for _ in range(4)]
+    mirrored = [{lv: ImageOps.mirror(im) for lv, im in c.items()} for c in crops]
+    plain, flip = make_predictor('bundle', b, device='cpu'), make_predictor('bundle', b, device='cpu', hflip=True)
+    both = flip.predict_crops(crops)
+    assert np.allclose(both, (plain.predict_crops(crops) + plain.predict_crops(mirrored)) / 2, atol=1e-5)
+    assert np.allclose(both.sum(1), 1, atol=1e-5) and flip.name.endswith('+hflip')
+    for method in ('cocoer', 'dferclip'):
+        with pytest.raises(ValueError, match='does not mirror'):
+            make_predictor('bundle', _bundle_of(root, method), device='cpu', hflip=True)

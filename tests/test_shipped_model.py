@@ -71,3 +71,7 @@ def test_cross_dataset_eval_of_ckplus_style_folders(tmp_path):
     assert main(args + ['--out', str(tmp_path/'r8'), '--missing', 'zero', '--precision', 'int8', '--device', 'cpu']) == 0
     m8 = json.loads((tmp_path/'r8'/'metrics.json').read_text())
     assert m8['run']['precision'] == 'int8' and m['run']['precision'] == 'fp32' and m8['n'] == 14
+    # mirror averaging: recorded, and the same rows scored
+    assert main(args + ['--out', str(tmp_path/'rf'), '--missing', 'zero', '--hflip', '--device', 'cpu']) == 0
+    mf = json.loads((tmp_path/'rf'/'metrics.json').read_text())
+    assert mf['run']['hflip'] is True and m['run']['hflip'] is False and mf['n'] == 14
