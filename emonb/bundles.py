@@ -200,6 +200,12 @@ def _bundle_metadata(sd: dict, header_text: str) -> dict:
     checksum = dict(algorithm='sha256', tensors=tensor_checksum(sd), header=text_checksum(header_text))
     return {'format': 'pt', BUNDLE_KEY: header_text, CHECKSUM_KEY: json.dumps(checksum)}
 
+# %% ../nbs/16_bundles.ipynb #e4b1c7d2
+def _rewrite_bundle(path: Path, sd: dict, meta: dict, header_text: str):
+    "Write `sd` and `header_text` back to the bundle file `path` (atomically), with a fresh checksum and its other metadata (`meta`) kept."
+    rest = {k: v for k, v in meta.items() if k not in (CHECKSUM_KEY, BUNDLE_KEY)}
+    atomic_write_bytes(path, safetensors.torch.save(sd, metadata={**rest, **_bundle_metadata(sd, header_text)}))
+
 # %% ../nbs/16_bundles.ipynb #ad9ffcb3
 def _bundle_metadata_of(path: Path) -> dict:
     "The safetensors metadata of a bundle file, its `emonb_checksum` parsed (None when absent), its header checked against it."
@@ -301,9 +307,7 @@ def add_bundle_checksum(weights, clip_weights=None) -> Path:
         warnings.simplefilter('ignore', BundleChecksumWarning)
         load_bundle(path, clip_weights=clip_weights)   # it must load: tensors that fit the network, finite weights (and a checksum that holds)
     if meta[CHECKSUM_KEY] is not None: return path
-    sd = safetensors.torch.load_file(str(path))
-    rest = {k: v for k, v in meta.items() if k not in (CHECKSUM_KEY, BUNDLE_KEY)}
-    atomic_write_bytes(path, safetensors.torch.save(sd, metadata={**rest, **_bundle_metadata(sd, meta[BUNDLE_KEY])}))
+    _rewrite_bundle(path, safetensors.torch.load_file(str(path)), meta, meta[BUNDLE_KEY])
     return path
 
 # %% ../nbs/16_bundles.ipynb #9c937297
@@ -344,10 +348,7 @@ def add_int8_calibration(
     calib.update(source=source, agreement=round(float((p32.argmax(1) == p8.argmax(1)).float().mean()), 4),
                  max_prob_diff=round(float((p32 - p8).abs().max()), 4))
     meta = _bundle_metadata_of(path)
-    header = {**json.loads(meta[BUNDLE_KEY]), 'int8': calib}
-    sd, _ = _read_bundle_tensors(path)
-    rest = {k: v for k, v in meta.items() if k not in (CHECKSUM_KEY, BUNDLE_KEY)}
-    atomic_write_bytes(path, safetensors.torch.save(sd, metadata={**rest, **_bundle_metadata(sd, json.dumps(header))}))
+    _rewrite_bundle(path, _read_bundle_tensors(path)[0], meta, json.dumps({**json.loads(meta[BUNDLE_KEY]), 'int8': calib}))
     return calib
 
 # %% ../nbs/16_bundles.ipynb #edaf0403

@@ -312,6 +312,15 @@ def _report_files(check, df, a):
 # %% ../nbs/20_cli.ipynb #0b886afe
 class DataCheckFailed(ValueError): "`--on-bad-file report` found bad files."
 
+# %% ../nbs/20_cli.ipynb #f5c2d8e3
+def _bundle_inference_options(p):
+    "`--precision` and `--hflip`: how a bundle runs (emonb predict, emonb eval)."
+    p.add_argument('--precision', default='fp32', choices=('fp32', 'int8'),
+                   help="a bundle's arithmetic: fp32 (default), or int8 on the CPU, several times faster (the bundle needs an int8 "
+                        "calibration, which the shipped model has: emonb.bundles.add_int8_calibration)")
+    p.add_argument('--hflip', action='store_true', help="a bundle: also classify each face's mirror image and average the probabilities "
+                                                        "(the model card's test protocol: +1.8 WAR on FER2013 PublicTest for the shipped model; twice the work)")
+
 # %% ../nbs/20_cli.ipynb #0f131b79
 def _add_predict(sub):
     p = sub.add_parser('predict', help='emotion probabilities of every face in images, folders or videos, as a CSV table',
@@ -341,10 +350,7 @@ def _add_predict(sub):
     p.add_argument('--clip-activation', default=None, choices=('quickgelu', 'gelu'), help="zeroshot with --clip-model: activation of the CLIP in --weights (default: quickgelu, OpenAI's CLIP; gelu for e.g. LAION's weights)")
     p.add_argument('--window', type=_positive_int, default=None, help='video bundles (dferclip): frames per sliding window (default: the whole video, TSN-sampled)')
     p.add_argument('--stride', type=_positive_int, default=None, help='video bundles: frames between windows (default: the window)')
-    p.add_argument('--precision', default='fp32', choices=('fp32', 'int8'),
-                   help="a bundle's arithmetic: fp32 (default), or int8 on the CPU, several times faster (the bundle needs an int8 "
-                        "calibration, which the shipped model has: emonb.bundles.add_int8_calibration)")
-    p.add_argument('--hflip', action='store_true', help="a bundle: also classify each face's mirror image and average the probabilities (the model card's test protocol: +1.8 WAR on FER2013 PublicTest for the shipped model; twice the work)")
+    _bundle_inference_options(p)
     p.add_argument('--overwrite', action='store_true', help='replace an existing output CSV')
     p.add_argument('--no-progress', action='store_true', help='hide the progress bar')
     p.set_defaults(run=run_predict)
@@ -377,10 +383,7 @@ def _eval_options(p, zeroshot: bool):
     p.add_argument('--out', required=True, help='report folder (must be new or empty unless --overwrite)')
     p.add_argument('--split', default='test', help='which split to evaluate (default test)')
     if not zeroshot:
-        p.add_argument('--precision', default='fp32', choices=('fp32', 'int8'),
-                       help="a bundle's arithmetic: fp32 (default), or int8 on the CPU, several times faster (the bundle needs an int8 "
-                            "calibration, which the shipped model has: emonb.bundles.add_int8_calibration)")
-        p.add_argument('--hflip', action='store_true', help="a bundle: also classify each face's mirror image and average the probabilities (the model card's test protocol: +1.8 WAR on FER2013 PublicTest for the shipped model; twice the work)")
+        _bundle_inference_options(p)
         p.add_argument('--method', default='zeroshot', help="'zeroshot' (default), 'bundle', or a registered method name")
     p.add_argument('--weights', default=None, help=('the CLIP weights file of --clip-model' if zeroshot else
                    'model bundle file or name in $EMONB_HOME/weights; for zeroshot with --clip-model: the CLIP weights'))

@@ -112,11 +112,11 @@ class BundlePredictor(Predictor):
         self.n_frames, self.pad = bundle.input.get('n_frames') or 16, bundle.input.get('pad', 'last')
         self.tfs = {lv: image_transform(bundle.input, lv) for lv in self.levels}
         self.tf = self.tfs['face']
-        self.int8 = self._int8_network() if precision == 'int8' else None
         if hflip and (self.video or self.boxes):
             raise ValueError(f"hflip=True mirrors face and level images; {bundle.method} also takes "
                              f"{'clips of frames' if self.video else 'the boxes of its levels'}, which it does not mirror: use hflip=False")
         self.hflip = bool(hflip)
+        self.int8 = self._int8_network() if precision == 'int8' else None   # after the cheap checks: building it takes about a second
 
     def _int8_network(self) -> nn.Module:
         "The bundle's network rebuilt in int8 from the calibration in its header (emonb.int8)."
