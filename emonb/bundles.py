@@ -311,12 +311,13 @@ def add_bundle_checksum(weights, clip_weights=None) -> Path:
     return path
 
 # %% ../nbs/16_bundles.ipynb #9c937297
-def _calibration_inputs(images, tf) -> torch.Tensor:
+def _calibration_inputs(images, tf, mode: str) -> torch.Tensor:
+    "The network inputs of calibration images (PIL images, or files read as the readers read them: `emonb.data.load_image`)."
+    from emonb.data import load_image   # fastai with it: imported here, off the predict path
     xs = []
     for k, im in enumerate(images):
         if not isinstance(im, Image.Image):
-            try:
-                with Image.open(im) as f: im = f.copy()
+            try: im = load_image(im, mode)
             except (OSError, UnidentifiedImageError) as e: raise ValueError(f"calibration image {k} ({im}) cannot be read: {e}") from None
         xs.append(tf(im))
     if not xs: raise ValueError("add_int8_calibration needs at least one calibration image")
@@ -339,7 +340,7 @@ def add_int8_calibration(
         raise ValueError(f"int8 covers networks of one face image; {path} holds a {b.method!r} model of levels {list(b.levels)}"
                          f"{' with boxes' if spec.boxes else ''}{' on video' if spec.video else ''}")
     if b.header.get('int8') and not overwrite: raise ValueError(f"{path} already has an int8 calibration: pass overwrite=True to replace it")
-    x = _calibration_inputs(images, image_transform(b.input, 'face'))
+    x = _calibration_inputs(images, image_transform(b.input, 'face'), b.input['mode'])
     calib = calibrate_int8(b.model, x, run=spec.run, batch_size=batch_size)
     q = int8_network(b.model, calib, x[:2], run=spec.run)
     with torch.no_grad():
